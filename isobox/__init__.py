@@ -1,0 +1,1 @@
+"""IsoBox: run untrusted JavaScript from Python in supervised QuickJS worker processes."""

@@ -1,0 +1,136 @@
+"""The value table: how Python values become JS values and back.
+
+==========================  =====================================  ===========================
+Python                      JS                                     back to Python
+==========================  =====================================  ===========================
+None                        null (``undefined`` also comes back    None
+                            as None)
+bool, str                   boolean, string (lone surrogates and   the same
+                            NUL characters survive)
+int, |i| <= 2**53           number                                 int (integral numbers)
+int beyond 2**53            BigInt                                 int (every BigInt)
+float, NaN, +-Infinity      number                                 float (or int if integral)
+bytes, bytearray,           Uint8Array (any typed array, DataView  bytes
+memoryview                  or ArrayBuffer comes back as bytes)
+datetime (naive = UTC)      Date                                   aware datetime in UTC
+list, tuple                 Array                                  list
+dict with str keys          plain object                           dict
+--                          Map / Set                              dict / list
+==========================  =====================================  ===========================
+
+Anything else (a set, a custom object, a dict with non-string keys) raises
+:class:`~isobox.errors.SerializationError` naming the path. Values travel as ASCII JSON text in
+which special values are tagged ``{"$isobox": kind, "v": ...}``; a user dict that itself has the
+key ``"$isobox"`` is escaped as ``{"$isobox": "obj", "v": [[key, value], ...]}``. The plain-JSON
+fast path (no specials) costs one ``json.dumps``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+from isobox.errors import SerializationError
+
+__all__ = ["decode", "encode"]
+
+_TAG = "$isobox"
+_SAFE = 2**53
+_LONG_INT = re.compile(r"\d{16,}")
+
+
+def encode(value: Any, *, what: str = "sandbox", limit: int | None = None) -> tuple[str, bool]:
+    """Encode ``value`` as ASCII JSON; returns ``(text, tagged)``.
+
+    ``tagged`` says the text holds tagged specials, so the JS side must revive it.
+    """
+    text: str | None = None
+    try:
+        text = json.dumps(value, ensure_ascii=True, allow_nan=False, check_circular=True,
+                          separators=(",", ":"))
+    except (ValueError, TypeError):
+        text = None
+    tagged = True
+    if text is not None and _TAG not in text and not _LONG_INT.search(text):
+        tagged = False
+    else:
+        prepared = _prepare(value, what, set())
+        text = json.dumps(prepared, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    if limit is not None and len(text) > limit:
+        raise SerializationError(
+            f"{what} of {len(text)} bytes exceeds the cap of {limit} bytes", path=what
+        )
+    return text, tagged
+
+
+def _prepare(value: Any, path: str, active: set[int]) -> Any:
+    """Slow path: rebuild ``value`` with tags for every special value."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return value if -_SAFE <= value <= _SAFE else {_TAG: "big", "v": str(value)}
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        return {_TAG: "num", "v": "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")}
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {_TAG: "bytes", "v": base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, datetime):
+        aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        return {_TAG: "date", "v": aware.timestamp() * 1000}
+    if isinstance(value, (list, tuple, dict)):
+        if id(value) in active:
+            raise SerializationError(f"{path} is a cyclic reference", path=path)
+        active.add(id(value))
+        try:
+            return _prepare_container(value, path, active)
+        finally:
+            active.discard(id(value))
+    raise SerializationError(
+        f"{path} is a {type(value).__name__}, which cannot cross into the sandbox", path=path
+    )
+
+
+def _prepare_container(value: list[Any] | tuple[Any, ...] | dict[Any, Any], path: str,
+                       active: set[int]) -> Any:
+    if not isinstance(value, dict):
+        return [_prepare(item, f"{path}[{i}]", active) for i, item in enumerate(value)]
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise SerializationError(f"{path} has a non-string key {key!r}", path=path)
+        out[key] = _prepare(item, f"{path}.{key}", active)
+    if _TAG in out:
+        return {_TAG: "obj", "v": [[k, v] for k, v in out.items()]}
+    return out
+
+
+def _revive(obj: dict[str, Any]) -> Any:
+    kind = obj.get(_TAG)
+    if kind is None or len(obj) != 2 or "v" not in obj:
+        return obj
+    raw = obj["v"]
+    if kind == "num":
+        return float(raw)
+    if kind == "big":
+        return int(raw)
+    if kind == "date":
+        return datetime.fromtimestamp(raw / 1000, tz=UTC)
+    if kind == "bytes":
+        return base64.b64decode(raw)
+    if kind == "u":
+        return None
+    if kind == "obj":
+        return dict(raw)
+    return obj
+
+
+def decode(text: str) -> Any:
+    """Decode tagged JSON text produced by the sandbox (or by :func:`encode`)."""
+    if _TAG in text:
+        return json.loads(text, object_hook=_revive)
+    return json.loads(text)

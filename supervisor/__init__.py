@@ -1,0 +1,1 @@
+"""The supervisor side of IsoBox: pool, worker handles, watchdog, restart policy, stats."""

@@ -1,0 +1,1 @@
+"""The worker side of IsoBox: fork server, engine wrapper, JS prelude, confinement."""

@@ -1,0 +1,167 @@
+// IsoBox trusted library: the rare paths of the prelude (errors, compile errors, top-level await,
+// special values, tagged inputs, console formatting). Parsed lazily, possibly after user code ran,
+// so it touches no global and no prototype method: only the intrinsics captured in K, via apply.
+(function (K, lim) {
+  'use strict';
+  const { ap, JS, isView, hasOwn, keys, entries, fromEntries, isArr, defProp, Tag, D, AB } = K;
+  const T = '$isobox';
+  const str = (s, m, a) => ap(K[m], s, a);
+  const test = (re, s) => ap(K.reExec, re, [s]) !== null;
+  class Unserializable { constructor(what) { this.what = what; } }
+  function bytesOf(v) { return v instanceof AB ? new K.U8(v) : new K.U8(v.buffer, v.byteOffset, v.byteLength); }
+  function special(v) {
+    if (isView(v) || v instanceof AB) return new Tag('bytes', ap(K.b64, bytesOf(v), []));
+    if (v instanceof K.M) return fromEntries(K.aFrom(ap(K.mapEntries, v, [])));
+    if (v instanceof K.S) return K.aFrom(ap(K.setValues, v, []));
+    if (hasOwn(v, T)) return new Tag('obj', entries(v));
+    return v;
+  }
+  function scalar(v) {
+    if (typeof v === 'bigint') return new Tag('big', ap(K.bigStr, v, []));
+    throw new Unserializable(typeof v);
+  }
+  function describePath(root) {
+    const stack = [];
+    function walk(v, path) {
+      const t = typeof v;
+      if (t === 'function' || t === 'symbol') return path + ' is a ' + t;
+      if (t !== 'object' || v === null) return null;
+      for (let i = 0; i < stack.length; i++) if (stack[i] === v) return path + ' is a cyclic reference';
+      if (isView(v) || v instanceof AB || v instanceof D) return null;
+      stack[stack.length] = v;
+      const ks = isArr(v) ? null : keys(v);
+      const n = ks === null ? v.length : ks.length;
+      for (let i = 0; i < n; i++) {
+        const k = ks === null ? i : ks[i];
+        const found = walk(v[k], ks === null ? path + '[' + i + ']' : path + '.' + k);
+        if (found !== null) return found;
+      }
+      stack.length--;
+      return null;
+    }
+    return walk(root, 'result') || 'result cannot be serialized';
+  }
+  function encodeFailure(e, v) {
+    if (e instanceof Unserializable || (e instanceof K.TypeErr && test(/circular/, e.message))) {
+      return ['S', JS({ message: describePath(v) })];
+    }
+    if (e instanceof K.RangeErr) return ['S', JS({ message: 'result is too deeply nested to serialize' })];
+    const r = record(e);
+    r.message = 'while converting the result: ' + r.message;
+    return ['E', JS(r)];
+  }
+  const tooLarge = (n) => JS({ message: 'result of ' + n + ' bytes exceeds the cap of ' + lim.result + ' bytes' });
+  function clip(s, max) {
+    s = typeof s === 'string' ? s : fmt(s);
+    return s.length > max ? str(s, 'slice', [0, max]) + '... [truncated]' : s;
+  }
+  function fmt(v) {
+    try {
+      if (typeof v === 'string') return v;
+      if (typeof v === 'symbol' || typeof v === 'function') return K.Str(v);
+      if (typeof v === 'object' && v !== null && !(v instanceof K.Err)) {
+        const s = K.enc(v);
+        if (typeof s === 'string') return s;
+      }
+      return K.Str(v);
+    } catch (e) {
+      return '[unprintable value]';
+    }
+  }
+  function record(e) {
+    let name = '', message, stack = '';
+    if (e instanceof K.Err) {
+      try { name = typeof e.name === 'string' ? e.name : 'Error'; } catch (_) { name = 'Error'; }
+      try { message = typeof e.message === 'string' ? e.message : fmt(e.message); } catch (_) { message = '[unprintable message]'; }
+      try { stack = typeof e.stack === 'string' ? e.stack : ''; } catch (_) { stack = ''; }
+    } else {
+      message = fmt(e);
+    }
+    return { name: clip(name, 200), message: clip(message, lim.error), stack: clip(stack, lim.error) };
+  }
+  function compileRecord(e, colShift) {
+    // A compile error's stack is a bare "at <input>:L:C", then "at eval (native)", then our entry.
+    const r = record(e);
+    const lines = str(r.stack, 'split', ['\n']);
+    const m = ap(K.reExec, /^\s*at <input>:(\d+):(\d+)$/, [lines[0] || '']);
+    if (m && lines.length >= 3 && str(lines[1], 'indexOf', ['at eval (native)']) >= 0
+        && test(/at (isoboxEntry|failed) /, lines[2])) {
+      r.compile = true;
+      r.line = +m[1];
+      r.column = r.line === 1 ? +m[2] - colShift : +m[2];
+      r.stack = '    at <input>:' + r.line + ':' + r.column + '\n';
+    }
+    return r;
+  }
+  function completionSplit(code) {
+    // Top-level await runs the code as an async function body whose last expression statement
+    // becomes the return value. The earliest split "statements; expression" where both halves
+    // parse is the right one; the engine is the parser, so strings and comments need no lexer.
+    let body = code;
+    while (body.length && test(/[\s;]$/, body)) body = str(body, 'slice', [0, body.length - 1]);
+    let attempts = 0;
+    for (let k = 0; k < body.length && attempts < 256; k++) {
+      if (k > 0 && body[k - 1] !== ';' && body[k - 1] !== '\n') continue;
+      const tail = str(body, 'slice', [k]);
+      if (!test(/\S/, tail)) break;
+      attempts++;
+      try {
+        new K.AsyncFn('return (' + tail + '\n)');
+        const prefix = str(body, 'slice', [0, k]);
+        new K.AsyncFn(prefix);
+        return prefix + ';return (' + tail + '\n)';
+      } catch (_) { /* not a split point */ }
+    }
+    return code;
+  }
+  const HEAD = '(async function isoboxAsync() {';
+  function failed(e, code, settle, set) {
+    // The first evaluation threw: a runtime error, a compile error, or top-level await.
+    const r = compileRecord(e, 0);
+    if (!r.compile || !(e instanceof K.SynErr) || str(code, 'indexOf', ['await']) < 0) {
+      set({ ok: false, error: e, record: r });
+      return 'D';
+    }
+    let fn;
+    try {
+      fn = K.ev(HEAD + completionSplit(code) + '\n})');
+    } catch (e2) {
+      set({ ok: false, error: e2, record: compileRecord(e2, HEAD.length) });
+      return 'D';
+    }
+    return settle(fn());
+  }
+  function failure(st) {
+    if (st === null) {
+      return ['E', JS({ name: 'Error', message: "the script's promise never settled and nothing is left to run", stack: '' })];
+    }
+    const r = st.record || record(st.error);
+    return [r.compile ? 'C' : 'E', JS(r)];
+  }
+  function reviveTag(o) {
+    switch (o[T]) {
+      case 'u': return undefined;
+      case 'num': return o.v === 'NaN' ? NaN : o.v === 'Infinity' ? 1 / 0 : -1 / 0;
+      case 'big': return K.big(o.v);
+      case 'date': return new D(o.v);
+      case 'bytes': return K.fromB64(o.v);
+      case 'obj': {
+        const out = {};
+        for (let i = 0; i < o.v.length; i++) {
+          defProp(out, o.v[i][0], { value: revive(o.v[i][1]), writable: true, enumerable: true, configurable: true });
+        }
+        return out;
+      }
+      default: return o;
+    }
+  }
+  function revive(v) {
+    if (typeof v !== 'object' || v === null) return v;
+    if (isArr(v)) { for (let i = 0; i < v.length; i++) v[i] = revive(v[i]); return v; }
+    if (hasOwn(v, T)) return reviveTag(v);
+    const ks = keys(v);
+    for (let i = 0; i < ks.length; i++) v[ks[i]] = revive(v[ks[i]]);
+    return v;
+  }
+  return { special, scalar, encodeFailure, tooLarge, fmt, failed, failure, revive };
+})
