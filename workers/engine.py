@@ -46,6 +46,7 @@ class RunSpec:
     max_result: int = 16 * 2**20
     max_console: int = 1 * 2**20
     max_error: int = 64 * 2**10
+    validate: bool = False  # only parse the code; the outcome is R (valid) or C
 
 
 @dataclass(slots=True)
@@ -88,9 +89,11 @@ class Engine:
 
     def __init__(self) -> None:
         self._ready: tuple[Any, Any] | None = None
+        self._spent: tuple[Any, Any] | None = None
 
     def prepare(self) -> None:
-        """Create and initialise the next context now, while nobody waits for it."""
+        """Free the last run's context and build the next one, while nobody waits for either."""
+        self._spent = None
         if self._ready is None:
             ctx = _quickjs.Context()
             fn = ctx.eval(_PRELUDE)
@@ -101,7 +104,7 @@ class Engine:
         """Run one request in a fresh context; never raises for anything the script does."""
         self.prepare()
         assert self._ready is not None
-        ctx, fn = self._ready
+        ctx, fn = self._spent = self._ready
         self._ready = None
         ctx.set_memory_limit(spec.memory_limit)
         ctx.set_max_stack_size(spec.stack_limit)
@@ -113,11 +116,15 @@ class Engine:
         except _CpuExhausted:
             outcome = _timeout_outcome(spec, ctx, fn)
         outcome.cpu_time = budget.used()
-        if outcome.kind != "M":
-            try:
-                outcome.memory = int(ctx.memory()["memory_used_size"])
-            except Exception:  # noqa: BLE001 - a poisoned runtime may refuse; the figure is optional
-                outcome.memory = 0
+        try:
+            usage = ctx.memory()
+            outcome.memory = int(usage["memory_used_size"])
+        except Exception:  # noqa: BLE001 - a poisoned runtime may refuse; the figure is optional
+            return outcome
+        if outcome.kind == "E" and outcome.payload.startswith('{"name": "", "message": "null"'):
+            # QuickJS throws null when it cannot even allocate its "out of memory" error.
+            if int(usage["malloc_size"]) >= spec.memory_limit * 0.75:
+                outcome.kind, outcome.payload, outcome.retire = "M", "{}", True
         return outcome
 
     def _call(self, ctx: Any, fn: Any, budget: _Budget, op: str, arg: str = "") -> str:
@@ -147,6 +154,9 @@ class Engine:
             )
         )
         self._call(ctx, fn, budget, "setup", setup)
+        if spec.validate:
+            error = self._call(ctx, fn, budget, "validate", json.dumps(spec.code))
+            return RunOutcome("C", error) if error else RunOutcome("R", "null\nnull")
         status = self._call(ctx, fn, budget, "start", json.dumps(spec.code))
         if status == "P":
             self._drain_jobs(ctx, fn, budget, on_output)

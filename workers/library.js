@@ -9,16 +9,26 @@
   const test = (re, s) => ap(K.reExec, re, [s]) !== null;
   class Unserializable { constructor(what) { this.what = what; } }
   function bytesOf(v) { return v instanceof AB ? new K.U8(v) : new K.U8(v.buffer, v.byteOffset, v.byteLength); }
-  function special(v) {
-    if (isView(v) || v instanceof AB) return new Tag('bytes', ap(K.b64, bytesOf(v), []));
-    if (v instanceof K.M) return fromEntries(K.aFrom(ap(K.mapEntries, v, [])));
-    if (v instanceof K.S) return K.aFrom(ap(K.setValues, v, []));
-    if (hasOwn(v, T)) return new Tag('obj', entries(v));
-    return v;
+  function rep(v) {
+    // The prelude's replacer handles plain values; everything else comes here.
+    switch (typeof v) {
+      case 'number': return new Tag('num', v !== v ? 'NaN' : v > 0 ? 'Infinity' : '-Infinity');
+      case 'bigint': return new Tag('big', ap(K.bigStr, v, []));
+      case 'object':
+        if (isView(v) || v instanceof AB) return new Tag('bytes', ap(K.b64, bytesOf(v), []));
+        if (v instanceof K.M) return fromEntries(K.aFrom(ap(K.mapEntries, v, [])));
+        if (v instanceof K.S) return K.aFrom(ap(K.setValues, v, []));
+        if (hasOwn(v, T)) return new Tag('obj', entries(v));
+        return v;
+      default: throw new Unserializable(typeof v);
+    }
   }
-  function scalar(v) {
-    if (typeof v === 'bigint') return new Tag('big', ap(K.bigStr, v, []));
-    throw new Unserializable(typeof v);
+  function kind(v) {
+    if (v instanceof D) return 'date';
+    if (isView(v) || v instanceof AB) return 'bytes';
+    if (v instanceof K.M) return 'map';
+    if (v instanceof K.S) return 'set';
+    return 'object';
   }
   function describePath(root) {
     const stack = [];
@@ -85,7 +95,7 @@
     const lines = str(r.stack, 'split', ['\n']);
     const m = ap(K.reExec, /^\s*at <input>:(\d+):(\d+)$/, [lines[0] || '']);
     if (m && lines.length >= 3 && str(lines[1], 'indexOf', ['at eval (native)']) >= 0
-        && test(/at (isoboxEntry|failed) /, lines[2])) {
+        && test(/at (isoboxEntry|failed|validate) /, lines[2])) {
       r.compile = true;
       r.line = +m[1];
       r.column = r.line === 1 ? +m[2] - colShift : +m[2];
@@ -163,5 +173,18 @@
     for (let i = 0; i < ks.length; i++) v[ks[i]] = revive(v[ks[i]]);
     return v;
   }
-  return { special, scalar, encodeFailure, tooLarge, fmt, failed, failure, revive };
+  function validate(code) {
+    // Parse without running: the prefix throws before any user statement executes.
+    try {
+      K.ev('throw 0;' + code);
+    } catch (e) {
+      if (!(e instanceof K.SynErr)) return '';
+      const r = compileRecord(e, 8);
+      if (!r.compile) return '';
+      if (str(code, 'indexOf', ['await']) < 0) return JS(r);
+      try { K.ev(HEAD + code + '\n})'); return ''; } catch (e2) { return JS(compileRecord(e2, HEAD.length)); }
+    }
+    return '';
+  }
+  return { validate, rep, kind, encodeFailure, tooLarge, fmt, failed, failure, revive };
 })

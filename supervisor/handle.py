@@ -1,0 +1,133 @@
+"""One worker as the supervisor sees it: its channel, pidfd, state and counters.
+
+The channel socket is non-blocking. The sync path waits with ``poll`` against a monotonic
+deadline (that deadline is the wall-clock watchdog: past it the caller SIGKILLs the worker);
+the async path uses the event loop's ``sock_recv``/``sock_sendall``. A handle is used by one
+run at a time (the pool guarantees it), so the two paths never share a socket concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import select
+import signal
+import time
+from collections import deque
+
+from isobox.protocol import Frame, FrameDecoder
+from isobox.supervisor.zygote import SpawnedWorker, signal_worker
+
+__all__ = ["ChannelClosed", "WorkerHandle"]
+
+_RECV = 65536
+
+
+class ChannelClosed(Exception):
+    """The worker's end of the channel is gone (it exited or was killed)."""
+
+
+class WorkerHandle:
+    """Supervisor-side state of one worker process."""
+
+    def __init__(self, spawned: SpawnedWorker, max_runs: int | None) -> None:
+        self.pid = spawned.pid
+        self.pidfd = spawned.pidfd
+        self.sock = spawned.channel
+        self.sock.setblocking(False)
+        self.decoder = FrameDecoder()
+        self.state = "starting"
+        self.runs = 0
+        self.max_runs = max_runs
+        self.started_at = time.time()
+        self.last_used = time.monotonic()
+        self.kill_reason = ""
+        self._frames: deque[Frame] = deque()
+        self._closed = False
+
+    def fileno(self) -> int:
+        """The channel's fd (for the maintainer's liveness poll)."""
+        return self.sock.fileno()
+
+    # -- sync IO ---------------------------------------------------------------------------
+    def send(self, data: bytes, deadline: float) -> None:
+        """Write a whole frame, waiting for buffer space up to ``deadline``."""
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self.sock.send(view)
+            except BlockingIOError:
+                if not self._wait(select.POLLOUT, deadline):
+                    raise TimeoutError("channel send timed out") from None
+                continue
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise ChannelClosed(str(exc)) from exc
+            view = view[sent:]
+
+    def recv(self, deadline: float) -> Frame | None:
+        """The next frame, or None when ``deadline`` passes first."""
+        while not self._frames:
+            if not self._wait(select.POLLIN, deadline):
+                return None
+            self._read_some()
+        return self._frames.popleft()
+
+    def _wait(self, events: int, deadline: float) -> bool:
+        poller = select.poll()
+        poller.register(self.sock, events)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if poller.poll(left * 1000):
+                return True
+
+    def _read_some(self) -> None:
+        try:
+            data = self.sock.recv(_RECV)
+        except BlockingIOError:
+            return
+        except ConnectionResetError as exc:
+            raise ChannelClosed(str(exc)) from exc
+        if not data:
+            raise ChannelClosed("EOF")
+        self._frames.extend(self.decoder.feed(data))
+
+    # -- async IO --------------------------------------------------------------------------
+    async def asend(self, data: bytes) -> None:
+        """Write a whole frame from the event loop."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_sendall(self.sock, data)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise ChannelClosed(str(exc)) from exc
+
+    async def arecv(self) -> Frame:
+        """The next frame, from the event loop (the caller bounds it with a timeout)."""
+        loop = asyncio.get_running_loop()
+        while not self._frames:
+            try:
+                data = await loop.sock_recv(self.sock, _RECV)
+            except ConnectionResetError as exc:
+                raise ChannelClosed(str(exc)) from exc
+            if not data:
+                raise ChannelClosed("EOF")
+            self._frames.extend(self.decoder.feed(data))
+        return self._frames.popleft()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def kill(self, reason: str, sig: int = signal.SIGKILL) -> None:
+        """Signal the worker through its pidfd, remembering why (for classification)."""
+        if not self.kill_reason:
+            self.kill_reason = reason
+        signal_worker(self.pidfd, sig)
+
+    def close(self) -> None:
+        """Release the channel and the pidfd (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            os.close(self.pidfd)

@@ -1,0 +1,527 @@
+"""The worker pool: hand idle workers to runs, replace the dead, keep the pool sized.
+
+::
+
+    caller threads / event loops                      maintainer thread ("isobox-pool")
+      run() ─ acquire() ─▶ idle deque ──────────────▶ spawns up to the deficit (backoff,
+         │      └─ or wait in FIFO waiters              crash-loop breaker), polls idle
+         ├─ RUN ─▶ worker ─ OUTPUT* ─ RESULT ─▶          channels for deaths, reaps workers
+         │        (poll until the wall deadline;          idle past idle_timeout
+         │         past it: SIGKILL = the watchdog)
+         └─ release() / discard() ─▶ idle deque or waiter, or replacement
+
+The run's own thread (or task) does the IO with its worker: one hop, no hand-off. One lock
+guards the pool's lists; no IO happens under it. Shutdown: SHUTDOWN to every worker, a bounded
+wait, SIGTERM, SIGKILL, then the fork server is stopped and reaps what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import itertools
+import os
+import select
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from isobox.errors import ClosedError, IsoBoxError, TimeoutError, WorkerCrashedError, describe_death
+from isobox.protocol import Frame, MsgType, ProtocolError, encode_frame
+from isobox.supervisor import stats
+from isobox.supervisor.handle import ChannelClosed, WorkerHandle
+from isobox.supervisor.policy import Backoff, CrashLoopBreaker, classify_exit, jittered_max_runs
+from isobox.supervisor.zygote import ZygoteClient
+
+__all__ = ["Pool", "PoolConfig"]
+
+Emit = Callable[[str, dict[str, Any]], None]
+OnOutput = Callable[[list[tuple[str, str]]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """Pool sizing and recycling (see README: "Pool")."""
+
+    min: int = 1
+    max: int = 2
+    idle_timeout: float = 300.0
+    max_runs: int | None = 10_000
+    max_queue: int = 10_000
+    start_timeout: float = 10.0
+
+
+class _Waiter:
+    """One run waiting for a worker: a thread (Event) or a task (Future)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.handle: WorkerHandle | None = None
+        self.error: BaseException | None = None
+        self.event = threading.Event()
+        self.loop = loop
+        self.future: asyncio.Future[None] | None = loop.create_future() if loop else None
+
+    def wake(self) -> None:
+        if self.future is not None and self.loop is not None:
+            fut = self.future
+            self.loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+        else:
+            self.event.set()
+
+
+class Pool:
+    """Workers forked from one fork server, shared by every thread of the caller."""
+
+    def __init__(self, config: PoolConfig, emit: Emit) -> None:
+        self.config = config
+        self._emit = emit
+        self._zygote = ZygoteClient()
+        self._lock = threading.Lock()
+        self._handles: dict[int, WorkerHandle] = {}
+        self._idle: deque[WorkerHandle] = deque()
+        self._waiters: deque[_Waiter] = deque()
+        self._spawning = 0
+        self._closed = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._backoff = Backoff()
+        self._breaker = CrashLoopBreaker()
+        self._ready = threading.Condition(self._lock)
+        self.restarts = 0
+        self._rids = itertools.count(1)
+        self._thread = threading.Thread(target=self._maintain, name="isobox-pool", daemon=True)
+
+    # -- start and stop --------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the fork server and the maintainer; workers come up in the background."""
+        self._zygote.start()
+        self._thread.start()
+
+    def warmup(self, timeout: float = 30.0) -> int:
+        """Block until ``min`` workers are ready (or ``timeout``); returns how many are."""
+        deadline = time.monotonic() + timeout
+        with self._ready:
+            while len(self._handles) - self._starting() < self.config.min and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._ready.wait(left)
+            return len(self._handles) - self._starting()
+
+    def _starting(self) -> int:
+        return sum(1 for h in self._handles.values() if h.state == "starting")
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop every worker (SHUTDOWN, bounded wait, SIGTERM, SIGKILL) and the fork server."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            waiters = list(self._waiters)
+            self._waiters.clear()
+            handles = list(self._handles.values())
+            idle = list(self._idle)
+            self._idle.clear()
+        for waiter in waiters:
+            waiter.error = ClosedError("the box was shut down")
+            waiter.wake()
+        self._poke()
+        for handle in idle:
+            with contextlib.suppress(Exception):
+                handle.send(encode_frame(MsgType.SHUTDOWN, 0, {}), time.monotonic() + 0.1)
+        self._escalate(handles, timeout)
+        self._zygote.stop(timeout)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        for handle in handles:
+            handle.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _escalate(self, handles: list[WorkerHandle], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for sig, wait in ((None, deadline), (signal.SIGTERM, None), (signal.SIGKILL, None)):
+            alive = [h for h in handles if self._zygote.exit_status(h.pid, 0) is None]
+            if not alive:
+                return
+            if sig is not None:
+                for handle in alive:
+                    handle.kill("stopped at shutdown", sig)
+            end = wait if wait is not None else time.monotonic() + 1.0
+            for handle in alive:
+                self._zygote.exit_status(handle.pid, max(0.0, end - time.monotonic()))
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`shutdown` began."""
+        return self._closed
+
+    # -- acquire and release ---------------------------------------------------------------
+    def _take_or_wait(self, waiter: _Waiter) -> WorkerHandle | None:
+        with self._lock:
+            if self._closed:
+                raise ClosedError("the box was shut down")
+            if self._idle:
+                handle = self._idle.popleft()
+                handle.state = "busy"
+                return handle
+            if len(self._waiters) >= self.config.max_queue:
+                raise IsoBoxError(f"queue full: {len(self._waiters)} runs already wait for a worker")
+            if not self._handles and self._breaker.is_open(time.monotonic()):
+                raise WorkerCrashedError(
+                    "workers keep crashing (crash-loop breaker open); not respawning for now",
+                    cause="crash loop",
+                )
+            self._waiters.append(waiter)
+        self._poke()
+        return None
+
+    def _abandon(self, waiter: _Waiter) -> WorkerHandle | None:
+        """The waiter gave up; returns a handle that was delivered meanwhile, if any."""
+        with self._lock:
+            if waiter.handle is None:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            return waiter.handle
+
+    def acquire(self, deadline: float) -> WorkerHandle:
+        """An idle worker for this thread, waiting FIFO until ``deadline``."""
+        waiter = _Waiter()
+        handle = self._take_or_wait(waiter)
+        if handle is not None:
+            return handle
+        waiter.event.wait(max(0.0, deadline - time.monotonic()))
+        return self._after_wait(waiter)
+
+    async def acquire_async(self, deadline: float) -> WorkerHandle:
+        """An idle worker for this task, waiting FIFO until ``deadline``."""
+        waiter = _Waiter(asyncio.get_running_loop())
+        handle = self._take_or_wait(waiter)
+        if handle is not None:
+            return handle
+        assert waiter.future is not None
+        try:
+            await asyncio.wait_for(waiter.future, max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            pass
+        except asyncio.CancelledError:
+            late = self._abandon(waiter)
+            if late is not None:
+                self.release(late)
+            raise
+        return self._after_wait(waiter)
+
+    def _after_wait(self, waiter: _Waiter) -> WorkerHandle:
+        handle = self._abandon(waiter)
+        if handle is not None:
+            return handle
+        if waiter.error is not None:
+            raise waiter.error
+        raise TimeoutError("no worker became free before the deadline", kind="wall")
+
+    def _offer(self, handle: WorkerHandle) -> None:
+        """Give a ready worker to the oldest waiter, or park it idle."""
+        with self._lock:
+            if self._closed:
+                handle.state = "stopping"
+            elif self._waiters:
+                waiter = self._waiters.popleft()
+                handle.state = "busy"
+                waiter.handle = handle
+                waiter.wake()
+                return
+            else:
+                handle.state = "idle"
+                handle.last_used = time.monotonic()
+                self._idle.append(handle)
+                return
+        self._stop_one(handle)
+
+    def release(self, handle: WorkerHandle) -> None:
+        """A run finished cleanly on ``handle``: recycle it at max_runs, else offer it."""
+        handle.runs += 1
+        self._backoff.succeeded()
+        if handle.max_runs is not None and handle.runs >= handle.max_runs:
+            self._retire(handle, "max_runs reached", expected=True)
+            self._stop_one(handle)
+            return
+        self._offer(handle)
+
+    def discard(self, handle: WorkerHandle, reason: str, *, expected: bool) -> None:
+        """Take ``handle`` out of the pool (it exited, was killed, or asked to retire)."""
+        self._retire(handle, reason, expected=expected)
+        handle.close()
+
+    def _retire(self, handle: WorkerHandle, reason: str, *, expected: bool) -> None:
+        with self._lock:
+            known = self._handles.pop(handle.pid, None) is not None
+            with contextlib.suppress(ValueError):
+                self._idle.remove(handle)
+            if known:
+                self.restarts += 1
+            if not expected:
+                self._breaker.record(time.monotonic())
+                self._backoff.failed()
+        stats.forget(handle.pid)
+        if known and expected:
+            self._emit("worker:recycled", {"pid": handle.pid, "reason": reason})
+        self._poke()
+
+    def _stop_one(self, handle: WorkerHandle) -> None:
+        with contextlib.suppress(Exception):
+            handle.send(encode_frame(MsgType.SHUTDOWN, 0, {}), time.monotonic() + 0.1)
+        handle.close()
+
+    def crash_error(
+        self, handle: WorkerHandle, detail: str, *, unexpected: bool = False
+    ) -> WorkerCrashedError:
+        """Classify the death of ``handle`` (which just lost its channel) and drop it."""
+        status = self._zygote.exit_status(handle.pid, 1.0)
+        death = classify_exit(status, killed_by_us=handle.kill_reason)
+        crashed = unexpected or not handle.kill_reason
+        self.discard(handle, death.cause, expected=not crashed)
+        if crashed:
+            self._emit("worker:crashed", {"pid": handle.pid, "exitcode": death.exitcode,
+                                          "signal": death.signal, "cause": death.cause})
+        message = describe_death(handle.pid, death.exitcode, death.signal, death.cause)
+        return WorkerCrashedError(f"{message}; {detail}" if detail else message, pid=handle.pid,
+                                  exitcode=death.exitcode, signal=death.signal, cause=death.cause)
+
+    # -- one run ---------------------------------------------------------------------------
+    def run(self, body: dict[str, Any], *, deadline: float, kill_at: float,
+            on_output: OnOutput | None) -> tuple[dict[str, Any], int]:
+        """Run one request on a worker from this thread; returns the RESULT body and the pid.
+
+        ``deadline`` bounds the wait for a worker; past ``kill_at`` the worker is SIGKILLed
+        (the wall-clock watchdog) and :class:`TimeoutError` is raised.
+        """
+        rid = next(self._rids)
+        frame = encode_frame(MsgType.RUN, rid, body)
+        for attempt in (1, 2):
+            handle = self.acquire(deadline)
+            try:
+                handle.send(frame, kill_at)
+            except ChannelClosed:
+                # It died before it could read the request: nothing ran, so try another worker.
+                error = self.crash_error(handle, "before the run started")
+                if attempt == 2:
+                    raise error from None
+                continue
+            except BaseException:
+                self._kill_and_drop(handle, "the run was interrupted")
+                raise
+            return self._finish(handle, self._await_reply(handle, rid, kill_at, on_output)), handle.pid
+        raise AssertionError("unreachable")
+
+    def _await_reply(self, handle: WorkerHandle, rid: int, kill_at: float,
+                     on_output: OnOutput | None) -> dict[str, Any]:
+        try:
+            while True:
+                frame = handle.recv(kill_at)
+                if frame is None:
+                    raise self._wall_timeout(handle)
+                reply = read_reply(frame, rid, on_output)
+                if reply is not None:
+                    return reply
+        except ChannelClosed:
+            raise self.crash_error(handle, "during the run") from None
+        except ProtocolError as exc:
+            handle.kill(f"bad frame from the worker: {exc}")
+            raise self.crash_error(handle, "bad frame", unexpected=True) from None
+        except (TimeoutError, WorkerCrashedError):
+            raise
+        except BaseException:
+            self._kill_and_drop(handle, "the run was interrupted")
+            raise
+
+    async def run_async(self, body: dict[str, Any], *, deadline: float, kill_at: float,
+                        on_output: OnOutput | None) -> tuple[dict[str, Any], int]:
+        """The asyncio twin of :meth:`run`; cancelling it kills the worker it ran on."""
+        rid = next(self._rids)
+        frame = encode_frame(MsgType.RUN, rid, body)
+        for attempt in (1, 2):
+            handle = await self.acquire_async(deadline)
+            try:
+                await handle.asend(frame)
+            except ChannelClosed:
+                error = self.crash_error(handle, "before the run started")
+                if attempt == 2:
+                    raise error from None
+                continue
+            except BaseException:
+                self._kill_and_drop(handle, "the run was cancelled")
+                raise
+            reply = await self._await_reply_async(handle, rid, kill_at, on_output)
+            return self._finish(handle, reply), handle.pid
+        raise AssertionError("unreachable")
+
+    async def _await_reply_async(self, handle: WorkerHandle, rid: int, kill_at: float,
+                                 on_output: OnOutput | None) -> dict[str, Any]:
+        try:
+            async with asyncio.timeout_at(asyncio.get_running_loop().time()
+                                          + max(0.0, kill_at - time.monotonic())):
+                while True:
+                    reply = read_reply(await handle.arecv(), rid, on_output)
+                    if reply is not None:
+                        return reply
+        except builtins.TimeoutError:
+            raise self._wall_timeout(handle) from None
+        except ChannelClosed:
+            raise self.crash_error(handle, "during the run") from None
+        except ProtocolError as exc:
+            handle.kill(f"bad frame from the worker: {exc}")
+            raise self.crash_error(handle, "bad frame", unexpected=True) from None
+        except BaseException:
+            self._kill_and_drop(handle, "the run was cancelled")
+            raise
+
+    def _wall_timeout(self, handle: WorkerHandle) -> TimeoutError:
+        handle.kill("killed by the watchdog past the wall-clock deadline")
+        self._zygote.exit_status(handle.pid, 1.0)
+        self.discard(handle, "wall timeout", expected=True)
+        return TimeoutError("the run exceeded its wall-clock timeout", kind="wall")
+
+    def _kill_and_drop(self, handle: WorkerHandle, reason: str) -> None:
+        handle.kill(reason)
+        self.discard(handle, reason, expected=True)
+
+    def _finish(self, handle: WorkerHandle, reply: dict[str, Any]) -> dict[str, Any]:
+        if reply.get("retire"):
+            self.discard(handle, f"retired after outcome {reply.get('kind')}", expected=True)
+        else:
+            self.release(handle)
+        return reply
+
+    # -- the maintainer --------------------------------------------------------------------
+    def _poke(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def _deficit(self) -> int:
+        with self._lock:
+            if self._closed or self._breaker.is_open(time.monotonic()):
+                return 0
+            busy = len(self._handles) - len(self._idle)
+            target = min(self.config.max, max(self.config.min, busy + len(self._waiters)))
+            return target - len(self._handles) - self._spawning
+
+    def _maintain(self) -> None:
+        """Maintainer loop: spawn to the deficit, notice idle deaths, reap idle workers."""
+        while not self._closed:
+            with contextlib.suppress(Exception):
+                self._maintain_once()
+
+    def _maintain_once(self) -> None:
+        while self._deficit() > 0 and not self._closed:
+            delay = self._backoff.delay()
+            if delay:
+                time.sleep(delay)
+            self._spawn_one()
+        with self._lock:
+            idle = list(self._idle)
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        for handle in idle:
+            poller.register(handle.fileno(), select.POLLIN)
+        events = poller.poll(500)
+        for fd, _ in events:
+            if fd == self._wake_r:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    os.read(self._wake_r, 4096)
+                continue
+            self._check_idle(next((h for h in idle if h.fileno() == fd), None))
+        self._reap_idle()
+
+    def _check_idle(self, handle: WorkerHandle | None) -> None:
+        """An idle channel became readable: the worker died (or misbehaved) while idle."""
+        if handle is None:
+            return
+        with self._lock:
+            if handle not in self._idle:
+                return
+            self._idle.remove(handle)
+            handle.state = "stopping"
+        try:
+            data = handle.sock.recv(1)
+        except BlockingIOError:
+            self._offer(handle)
+            return
+        except OSError:
+            data = b""
+        if data:
+            handle.kill("protocol violation: it sent data while idle")
+        self.crash_error(handle, "while idle", unexpected=True)
+
+    def _reap_idle(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            extra = len(self._handles) - self.config.min
+            stale = [h for h in self._idle if now - h.last_used > self.config.idle_timeout][:max(0, extra)]
+            for handle in stale:
+                self._idle.remove(handle)
+                handle.state = "stopping"
+        for handle in stale:
+            self._retire(handle, "idle timeout", expected=True)
+            self._stop_one(handle)
+
+    def _spawn_one(self) -> None:
+        with self._lock:
+            self._spawning += 1
+        handle: WorkerHandle | None = None
+        try:
+            if not self._zygote.alive:
+                self._zygote.stop(1.0)
+                self._zygote = ZygoteClient()
+                self._zygote.start()
+            handle = WorkerHandle(self._zygote.spawn(), jittered_max_runs(self.config.max_runs))
+            frame = handle.recv(time.monotonic() + self.config.start_timeout)
+            if frame is None or frame.type is not MsgType.READY:
+                raise IsoBoxError("worker did not become READY")
+        except (IsoBoxError, ChannelClosed, ProtocolError, OSError):
+            if handle is not None:
+                handle.kill("failed to start")
+                handle.close()
+            with self._lock:
+                self._spawning -= 1
+                self._backoff.failed()
+                self._breaker.record(time.monotonic())
+            return
+        with self._lock:
+            self._spawning -= 1
+            self._handles[handle.pid] = handle
+            self._ready.notify_all()
+        self._emit("worker:started", {"pid": handle.pid})
+        self._offer(handle)
+
+    # -- figures ---------------------------------------------------------------------------
+    def snapshot(self) -> tuple[list[dict[str, Any]], int]:
+        """Per-worker figures (with a psutil sample each) and the queue length."""
+        with self._lock:
+            handles = list(self._handles.values())
+            queued = len(self._waiters)
+        rows = []
+        for h in handles:
+            sample = stats.sample(h.pid)
+            rows.append({"pid": h.pid, "state": h.state, "runs": h.runs, "started_at": h.started_at,
+                         "rss": sample.rss if sample else 0, "uss": sample.uss if sample else 0,
+                         "cpu_percent": sample.cpu_percent if sample else 0.0})
+        return rows, queued
+
+
+def read_reply(frame: Frame, request_id: int, on_output: OnOutput | None) -> dict[str, Any] | None:
+    """Sans-IO step of a run: OUTPUT goes to ``on_output``; RESULT ends the run."""
+    if frame.request_id != request_id:
+        raise ProtocolError(f"reply for request {frame.request_id}, expected {request_id}")
+    if frame.type is MsgType.OUTPUT:
+        lines = frame.body.get("console")
+        if on_output is not None and isinstance(lines, list):
+            on_output([(str(k), str(m)) for k, m in lines])
+        return None
+    if frame.type is MsgType.RESULT:
+        return frame.body
+    raise ProtocolError(f"unexpected {frame.type.name} frame during a run")
