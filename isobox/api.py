@@ -72,6 +72,7 @@ class _BoxCore:
                 raise IsoBoxError(f"the {unsupported!r} option is not available yet")
             options.pop(unsupported, None)
         self._options = BoxOptions(**options)
+        config = pool_config(pool)
         self._mode = mode
         self._events = EventEmitter()
         self._metrics = MetricsRecorder()
@@ -79,7 +80,7 @@ class _BoxCore:
         self._pool: Pool | None = None
         self._engines = threading.local()
         if mode == "process":
-            self._pool = Pool(pool_config(pool), self._events.emit)
+            self._pool = Pool(config, self._events.emit)
             self._pool.start()
             self._finalizer = weakref.finalize(self, self._pool.shutdown)
 

@@ -60,6 +60,7 @@ def encode(value: Any, *, what: str = "sandbox", limit: int | None = None) -> tu
     else:
         prepared = _prepare(value, what, set())
         text = json.dumps(prepared, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+        tagged = _TAG in text
     if limit is not None and len(text) > limit:
         raise SerializationError(
             f"{what} of {len(text)} bytes exceeds the cap of {limit} bytes", path=what
