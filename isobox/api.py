@@ -151,6 +151,7 @@ class _BoxCore:
                 sink(final)
         if kind != "R":
             error = self._error_for(kind, str(reply.get("payload", "{}")), request)
+            error.worker_pid = pid
             self._record(duration, cpu_time, memory, error, pid)
             raise error
         type_name, _, text = str(reply.get("payload", "")).partition("\n")
@@ -209,8 +210,7 @@ class _BoxCore:
 
     def _failed(self, error: IsoBoxError, started: float) -> None:
         """Record a run that ended without a reply (wall timeout, crash)."""
-        pid = getattr(error, "pid", None)
-        self._record(time.monotonic() - started, 0.0, 0, error, pid)
+        self._record(time.monotonic() - started, 0.0, 0, error, error.worker_pid)
 
     def _validation(self, request: RunRequest, reply: dict[str, Any]) -> CodeValidation:
         if reply.get("kind") == "R":

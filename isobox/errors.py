@@ -41,7 +41,9 @@ __all__ = [
 
 
 class IsoBoxError(Exception):
-    """Base of every error IsoBox raises."""
+    """Base of every error IsoBox raises; ``worker_pid`` names the worker when one was involved."""
+
+    worker_pid: int | None = None
 
 
 class ScriptError(IsoBoxError):

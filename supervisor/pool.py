@@ -289,8 +289,10 @@ class Pool:
             self._emit("worker:crashed", {"pid": handle.pid, "exitcode": death.exitcode,
                                           "signal": death.signal, "cause": death.cause})
         message = describe_death(handle.pid, death.exitcode, death.signal, death.cause)
-        return WorkerCrashedError(f"{message}; {detail}" if detail else message, pid=handle.pid,
-                                  exitcode=death.exitcode, signal=death.signal, cause=death.cause)
+        error = WorkerCrashedError(f"{message}; {detail}" if detail else message, pid=handle.pid,
+                                   exitcode=death.exitcode, signal=death.signal, cause=death.cause)
+        error.worker_pid = handle.pid
+        return error
 
     # -- one run ---------------------------------------------------------------------------
     def run(self, body: dict[str, Any], *, deadline: float, kill_at: float,
@@ -384,7 +386,9 @@ class Pool:
         handle.kill("killed by the watchdog past the wall-clock deadline")
         self._zygote.exit_status(handle.pid, 1.0)
         self.discard(handle, "wall timeout", expected=True)
-        return TimeoutError("the run exceeded its wall-clock timeout", kind="wall")
+        error = TimeoutError("the run exceeded its wall-clock timeout", kind="wall")
+        error.worker_pid = handle.pid
+        return error
 
     def _kill_and_drop(self, handle: WorkerHandle, reason: str) -> None:
         handle.kill(reason)
