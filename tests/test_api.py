@@ -162,6 +162,7 @@ def test_unknown_event_is_rejected(box: IsoBox) -> None:
 
 def test_pool_stats_report_psutil_figures(box: IsoBox) -> None:
     """pool_stats lists each worker with pid, state, rss, uss and run counts."""
+    box.warmup_pool()
     stats = box.pool_stats()
     assert len(stats.workers) == 2
     for worker in stats.workers:
