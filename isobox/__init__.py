@@ -70,7 +70,7 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'isobox' has no attribute {name!r}")
-    import importlib
+    import importlib  # noqa: PLC0415 - lazy on purpose: `import isobox` stays light
 
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value

@@ -56,15 +56,16 @@ def main() -> None:
 
 @main.command("run")
 @click.argument("file", required=False, type=click.File("r", encoding="utf-8"))
-@click.option("-e", "--eval", "code", help="Code to run instead of FILE (FILE may be '-' for stdin).")
+@click.option("-e", "--eval", "code", help="Code to run instead of FILE ('-' as FILE reads stdin).")
 @click.option("--timeout", type=float, default=30.0, show_default=True,
               help="Wall-clock seconds for the run (the CPU budget is the same).")
 @click.option("--memory", type=int, default=128 * 2**20, show_default=True,
               help="JS heap limit in bytes.")
 @click.option("--sandbox", "sandbox_json", default=None,
-              help="JSON object whose keys become globals, e.g. '{\"data\": [1, 2]}'.")
+              help="JSON object whose keys become globals, e.g. '{\"n\": 1}'.")
 @click.option("--inprocess", is_flag=True, help="Run in this process (no isolation; faster).")
-def run_command(file: Any, code: str | None, timeout: float, memory: int,
+def run_command(  # noqa: PLR0917 - click passes one argument per option
+file: Any, code: str | None, timeout: float, memory: int,
                 sandbox_json: str | None, inprocess: bool) -> None:
     """Run FILE (or -e CODE) and print its completion value as JSON."""
     if (file is None) == (code is None):

@@ -77,7 +77,7 @@ class SecurityError(ScriptError):
     """The script attempted a forbidden operation and did not catch the error."""
 
 
-class TimeoutError(IsoBoxError, builtins.TimeoutError):  # noqa: A001 - documented name
+class TimeoutError(IsoBoxError, builtins.TimeoutError):
     """The run exceeded its CPU (``kind="cpu"``) or wall-clock (``kind="wall"``) budget."""
 
     def __init__(self, message: str, *, kind: str = "wall", limit: float = 0.0) -> None:

@@ -125,7 +125,8 @@ def build_request(code: str, options: BoxOptions, filename: str | None = None,
     """Validate ``code`` and encode the run for a worker (or the in-process engine)."""
     if not isinstance(code, str):
         raise TypeError(f"code must be str, not {type(code).__name__}")
-    lang = language or ("typescript" if filename and filename.endswith((".ts", ".tsx")) else "javascript")
+    is_ts = bool(filename and filename.endswith((".ts", ".tsx")))
+    lang = language or ("typescript" if is_ts else "javascript")
     if lang != "javascript":
         raise IsoBoxError(f"language {lang!r} is not supported yet (only 'javascript')")
     if len(code) > options.max_input_size:

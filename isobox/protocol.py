@@ -83,7 +83,7 @@ def encode_frame(
     msg_type: MsgType, request_id: int, body: dict[str, Any], *, max_frame: int = MAX_FRAME
 ) -> bytes:
     """Encode one frame; raises :class:`ProtocolError` if it would exceed ``max_frame``."""
-    payload = msgpack.packb([VERSION, int(msg_type), request_id, body], use_bin_type=True)
+    payload: bytes = msgpack.packb([VERSION, int(msg_type), request_id, body], use_bin_type=True)
     if len(payload) > max_frame:
         raise ProtocolError(f"frame of {len(payload)} bytes exceeds the cap of {max_frame}")
     return _HEADER.pack(len(payload)) + payload

@@ -77,7 +77,8 @@ def _prepare(value: Any, path: str, active: set[int]) -> Any:
     if isinstance(value, float):
         if math.isfinite(value):
             return value
-        return {_TAG: "num", "v": "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")}
+        name = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+        return {_TAG: "num", "v": name}
     if isinstance(value, (bytes, bytearray, memoryview)):
         return {_TAG: "bytes", "v": base64.b64encode(bytes(value)).decode("ascii")}
     if isinstance(value, datetime):

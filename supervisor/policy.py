@@ -48,7 +48,7 @@ class Backoff:
         """Seconds to wait before the next spawn."""
         if self.failures == 0:
             return 0.0
-        return min(self.cap, self.base * 2 ** (self.failures - 1))
+        return float(min(self.cap, self.base * 2.0 ** (self.failures - 1)))
 
 
 class CrashLoopBreaker:
@@ -101,7 +101,10 @@ def classify_exit(
         elif sig == signal.SIGXCPU:
             cause = "CPU-time rlimit exceeded"
         else:
-            cause = f"killed by {signal.Signals(sig).name}" if sig in signal.Signals.__members__.values() else f"killed by signal {sig}"
+            try:
+                cause = f"killed by {signal.Signals(sig).name}"
+            except ValueError:
+                cause = f"killed by signal {sig}"
         return Death(None, sig, cause)
     if code == 0:
         return Death(0, None, killed_by_us or "exited")

@@ -68,10 +68,13 @@ class _Waiter:
 
     def wake(self) -> None:
         if self.future is not None and self.loop is not None:
-            fut = self.future
-            self.loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+            self.loop.call_soon_threadsafe(self._resolve)
         else:
             self.event.set()
+
+    def _resolve(self) -> None:
+        if self.future is not None and not self.future.done():
+            self.future.set_result(None)
 
 
 class Pool:
@@ -171,7 +174,8 @@ class Pool:
                 handle.state = "busy"
                 return handle
             if len(self._waiters) >= self.config.max_queue:
-                raise IsoBoxError(f"queue full: {len(self._waiters)} runs already wait for a worker")
+                waiting = len(self._waiters)
+                raise IsoBoxError(f"queue full: {waiting} runs already wait for a worker")
             if not self._handles and self._breaker.is_open(time.monotonic()):
                 raise WorkerCrashedError(
                     "workers keep crashing (crash-loop breaker open); not respawning for now",
@@ -204,10 +208,11 @@ class Pool:
         handle = self._take_or_wait(waiter)
         if handle is not None:
             return handle
-        assert waiter.future is not None
+        if waiter.future is None:
+            raise RuntimeError("async waiter without a future")
         try:
             await asyncio.wait_for(waiter.future, max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
+        except builtins.TimeoutError:
             pass
         except asyncio.CancelledError:
             late = self._abandon(waiter)
@@ -317,7 +322,8 @@ class Pool:
             except BaseException:
                 self._kill_and_drop(handle, "the run was interrupted")
                 raise
-            return self._finish(handle, self._await_reply(handle, rid, kill_at, on_output)), handle.pid
+            reply = self._await_reply(handle, rid, kill_at, on_output)
+            return self._finish(handle, reply), handle.pid
         raise AssertionError("unreachable")
 
     def _await_reply(self, handle: WorkerHandle, rid: int, kill_at: float,
@@ -465,7 +471,8 @@ class Pool:
         now = time.monotonic()
         with self._lock:
             extra = len(self._handles) - self.config.min
-            stale = [h for h in self._idle if now - h.last_used > self.config.idle_timeout][:max(0, extra)]
+            old = [h for h in self._idle if now - h.last_used > self.config.idle_timeout]
+            stale = old[: max(0, extra)]
             for handle in stale:
                 self._idle.remove(handle)
                 handle.state = "stopping"

@@ -127,7 +127,8 @@ class ZygoteClient:
             return self._exits[pid]
 
     def _read_loop(self) -> None:
-        assert self._ctl is not None
+        if self._ctl is None:
+            return
         decoder = FrameDecoder(max_frame=4096)
         try:
             while True:

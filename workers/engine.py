@@ -103,7 +103,8 @@ class Engine:
     def run(self, spec: RunSpec, on_output: OutputSink | None = None) -> RunOutcome:
         """Run one request in a fresh context; never raises for anything the script does."""
         self.prepare()
-        assert self._ready is not None
+        if self._ready is None:
+            raise RuntimeError("engine has no prepared context")
         ctx, fn = self._spent = self._ready
         self._ready = None
         ctx.set_memory_limit(spec.memory_limit)
@@ -119,12 +120,12 @@ class Engine:
         try:
             usage = ctx.memory()
             outcome.memory = int(usage["memory_used_size"])
-        except Exception:  # noqa: BLE001 - a poisoned runtime may refuse; the figure is optional
+        except Exception:
             return outcome
-        if outcome.kind == "E" and outcome.payload.startswith('{"name": "", "message": "null"'):
-            # QuickJS throws null when it cannot even allocate its "out of memory" error.
-            if int(usage["malloc_size"]) >= spec.memory_limit * 0.75:
-                outcome.kind, outcome.payload, outcome.retire = "M", "{}", True
+        # QuickJS throws null when it cannot even allocate its "out of memory" error.
+        if (outcome.kind == "E" and outcome.payload.startswith('{"name": "", "message": "null"')
+                and int(usage["malloc_size"]) >= spec.memory_limit * 0.75):
+            outcome.kind, outcome.payload, outcome.retire = "M", "{}", True
         return outcome
 
     def _call(self, ctx: Any, fn: Any, budget: _Budget, op: str, arg: str = "") -> str:
@@ -140,19 +141,12 @@ class Engine:
     def _drive(
         self, ctx: Any, fn: Any, spec: RunSpec, budget: _Budget, on_output: OutputSink | None
     ) -> RunOutcome:
-        setup = (
-            '{"limits":{"result":%d,"console":%d,"error":%d},"console":%s,"tagged":%s,'
-            '"globals":%s,"env":%s}'
-            % (
-                spec.max_result,
-                spec.max_console,
-                spec.max_error,
-                json.dumps(spec.console),
-                "true" if spec.tagged else "false",
-                spec.globals_json or "null",
-                spec.env_json or "null",
-            )
-        )
+        # Globals and env arrive as JSON text already; splice them in rather than re-encode.
+        limits = json.dumps({"result": spec.max_result, "console": spec.max_console,
+                             "error": spec.max_error})
+        setup = (f'{{"limits":{limits},"console":{json.dumps(spec.console)},'
+                 f'"tagged":{"true" if spec.tagged else "false"},'
+                 f'"globals":{spec.globals_json or "null"},"env":{spec.env_json or "null"}}}')
         self._call(ctx, fn, budget, "setup", setup)
         if spec.validate:
             error = self._call(ctx, fn, budget, "validate", json.dumps(spec.code))
@@ -237,6 +231,6 @@ def _timeout_outcome(spec: RunSpec, ctx: Any, fn: Any) -> RunOutcome:
         lines = fn("console", "")
         if isinstance(lines, str) and lines.startswith("["):
             console = [(str(k), str(m)) for k, m in json.loads(lines)]
-    except Exception:  # noqa: BLE001 - best effort; the timeout is what the caller must see
+    except Exception:
         console = []
     return RunOutcome("T", "{}", console, retire=True)

@@ -123,10 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     Engine().run(RunSpec(code="1"))  # warm the engine and the allocator before forking
     gc.collect()
     gc.freeze()
-    try:
+    with contextlib.suppress(OSError, KeyboardInterrupt):
         serve(ctl)
-    except (OSError, KeyboardInterrupt):
-        pass
 
 
 if __name__ == "__main__":

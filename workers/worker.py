@@ -89,7 +89,7 @@ def worker_main(fd: int) -> None:
         engine = Engine()
         engine.prepare()
         code = serve(sock, engine)
-    except BaseException:  # noqa: BLE001 - a worker must exit, never unwind into the fork server
+    except BaseException:
         code = 1
     finally:
         os._exit(code)

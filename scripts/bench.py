@@ -1,0 +1,657 @@
+"""Benchmark IsoBox against its floor: the same QuickJS binding, in-process, no isolation.
+
+What it measures, IsoBox (``IsoBox(timeout=5, memory_limit=64 MiB, pool 2/2)``) side by side with
+the floor (``_quickjs.Context()`` made fresh for every run, with the same memory, time and stack
+limits, in this process):
+
+- W1  ``1+2``: sequential latency p50/p99 on one thread, for IsoBox once with a ~1 ms idle gap
+      between calls (the latency figure) and once back to back; then runs/s from 4 threads
+      sharing one box with 2 workers (floor: 4 threads each making fresh contexts).
+- W2  ``fib(25)`` (defined in the same snippet): median wall time of one run.
+- W3  100,000 ints in and out (``data.map(x => x * 2)`` with ``sandbox={"data": ...}``): median
+      wall time. The floor carries the data as JSON text (``ctx.set("S", json.dumps(data))``,
+      ``JSON.parse`` in JS, ``JSON.stringify`` back, ``json.loads``), in a fresh context per run.
+- W4  ``while(true){}`` with ``timeout=0.1``: median time until the error is raised, and median
+      time from that error until the next ``1+2`` succeeds (IsoBox only).
+- Respawn: ``SIGKILL`` an idle worker; time until ``pool_stats()`` (polled every ~1 ms) shows two
+      idle workers again, and until a run then succeeds. Uses its own box so the faults of the
+      other sections do not feed its crash-loop breaker or spawn backoff.
+- Idle worker USS and RSS from ``pool_stats()`` (median over workers and samples).
+
+How: every series is warmed up first and then measured with ``time.perf_counter``; floor and
+IsoBox series are interleaved in rounds so background load drifts hit both alike; figures are
+medians and percentiles over many repetitions (the machine has 2 cores and is noisy). Each
+target is judged PASS/MISS from the measured numbers. A section that fails is reported as such
+and the run goes on. The script always exits 0 (it is a report, not a gate), shuts its boxes
+down and checks that none of the processes they started is left.
+
+Usage::
+
+    python scripts/bench.py [--quick] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import _quickjs
+import psutil
+
+from isobox import IsoBox, IsoBoxError
+from isobox import TimeoutError as BoxTimeoutError
+
+MIB = 2**20
+TIMEOUT = 5.0
+MEMORY_LIMIT = 64 * MIB
+STACK_LIMIT = 1 * MIB
+POOL = {"min": 2, "max": 2}
+WORKERS = 2
+THREADS = 4
+
+ONE_PLUS_TWO = "1+2"
+FIB = "function fib(n){return n<2?n:fib(n-1)+fib(n-2)} fib(25)"
+FIB_25 = 75025
+MAP = "data.map(x => x * 2)"
+FLOOR_MAP = "JSON.stringify(JSON.parse(S).map(x => x * 2))"
+W3_SIZE = 100_000
+SPIN = "while(true){}"
+SPIN_TIMEOUT = 0.1
+IDLE_GAP = 0.001
+POLL = 0.001
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How many repetitions each section makes."""
+
+    w1_rounds: int
+    w1_block: int
+    w1_warmup: int
+    tput_seconds: float
+    tput_reps: int
+    w2_reps: int
+    w3_reps: int
+    w4_reps: int
+    respawn_reps: int  # stays below the crash-loop breaker's 10 deaths per 10 s
+
+
+FULL = Plan(w1_rounds=4, w1_block=500, w1_warmup=100, tput_seconds=2.0, tput_reps=3,
+            w2_reps=40, w3_reps=15, w4_reps=10, respawn_reps=8)
+QUICK = Plan(w1_rounds=2, w1_block=150, w1_warmup=30, tput_seconds=0.75, tput_reps=1,
+             w2_reps=8, w3_reps=4, w4_reps=3, respawn_reps=3)
+
+
+# -- statistics --------------------------------------------------------------------------------
+def percentile(samples: Iterable[float], q: float) -> float:
+    """The ``q``-th percentile (0..100), linear interpolation between closest ranks."""
+    data = sorted(samples)
+    if not data:
+        return float("nan")
+    pos = (len(data) - 1) * q / 100
+    low = int(pos)
+    high = min(low + 1, len(data) - 1)
+    return data[low] + (data[high] - data[low]) * (pos - low)
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    """n, median, p99, min, max and mean of ``samples`` (seconds or counts)."""
+    if not samples:
+        return {"n": 0}
+    return {"n": len(samples), "p50": percentile(samples, 50), "p99": percentile(samples, 99),
+            "min": min(samples), "max": max(samples), "mean": statistics.fmean(samples)}
+
+
+# -- the floor ---------------------------------------------------------------------------------
+def fresh_context() -> Any:
+    """A new in-process context with IsoBox's limits."""
+    ctx = _quickjs.Context()
+    ctx.set_memory_limit(MEMORY_LIMIT)
+    ctx.set_time_limit(TIMEOUT)
+    ctx.set_max_stack_size(STACK_LIMIT)
+    return ctx
+
+
+def floor_eval(code: str) -> Any:
+    """Run ``code`` in a fresh context; return its value."""
+    return fresh_context().eval(code)
+
+
+def floor_map(data: list[int]) -> Any:
+    """W3 on the floor: data in and out as JSON text, in a fresh context."""
+    ctx = fresh_context()
+    ctx.set("S", json.dumps(data))
+    return json.loads(ctx.eval(FLOOR_MAP))
+
+
+# -- measuring helpers -------------------------------------------------------------------------
+def timed(call: Callable[[], object]) -> float:
+    """Wall seconds one call takes."""
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def series(call: Callable[[], object], count: int, gap: float = 0.0) -> list[float]:
+    """``count`` timings of ``call``, sleeping ``gap`` seconds between calls (not timed)."""
+    out: list[float] = []
+    for _ in range(count):
+        out.append(timed(call))
+        if gap:
+            time.sleep(gap)
+    return out
+
+
+def throughput(call: Callable[[], object], threads: int, seconds: float) -> tuple[float, int]:
+    """Completed calls per second from ``threads`` threads for ``seconds``; and the errors."""
+    barrier = threading.Barrier(threads + 1)
+    done = [0] * threads
+    failed = [0] * threads
+    window = [0.0]
+
+    def loop(index: int) -> None:
+        barrier.wait()
+        end = window[0]
+        while time.perf_counter() < end:
+            try:
+                call()
+            except (IsoBoxError, _quickjs.JSException):
+                failed[index] += 1
+                continue
+            if time.perf_counter() <= end:
+                done[index] += 1
+
+    pool = [threading.Thread(target=loop, args=(i,), name=f"bench-{i}") for i in range(threads)]
+    for thread in pool:
+        thread.start()
+    window[0] = time.perf_counter() + seconds
+    barrier.wait()
+    for thread in pool:
+        thread.join()
+    return sum(done) / seconds, sum(failed)
+
+
+def idle_workers(box: IsoBox, avoid: frozenset[int] = frozenset()) -> list[int]:
+    """Pids of the idle workers, leaving out ``avoid``."""
+    return [w.pid for w in box.pool_stats().workers if w.state == "idle" and w.pid not in avoid]
+
+
+def wait_idle(box: IsoBox, count: int, avoid: frozenset[int] = frozenset(),
+              timeout: float = 10.0) -> bool:
+    """Poll ``pool_stats`` every ~1 ms until ``count`` workers (none in ``avoid``) are idle."""
+    end = time.perf_counter() + timeout
+    while len(idle_workers(box, avoid)) < count:
+        if time.perf_counter() >= end:
+            return False
+        time.sleep(POLL)
+    return True
+
+
+def make_box() -> IsoBox:
+    """A box with the benchmark's limits, its pool warmed up."""
+    box = IsoBox(timeout=TIMEOUT, memory_limit=MEMORY_LIMIT, stack_limit=STACK_LIMIT, pool=POOL)
+    box.warmup_pool()
+    if not wait_idle(box, WORKERS):
+        raise RuntimeError("the pool did not reach 2 idle workers within 10 s")
+    return box
+
+
+def check(value: object, expected: object, what: str) -> None:
+    """Fail the section when a run returned something else than it should."""
+    if value != expected:
+        raise AssertionError(f"{what} returned a wrong value: {str(value)[:80]}")
+
+
+# -- the sections ------------------------------------------------------------------------------
+def bench_w1_latency(box: IsoBox, plan: Plan) -> dict[str, Any]:
+    """W1: sequential 1+2, floor vs IsoBox with a ~1 ms idle gap vs back to back."""
+
+    def run_box() -> None:
+        check(box.run(ONE_PLUS_TWO), 3, "IsoBox 1+2")
+
+    def run_floor() -> None:
+        check(floor_eval(ONE_PLUS_TWO), 3, "floor 1+2")
+
+    series(run_floor, plan.w1_warmup)
+    series(run_box, plan.w1_warmup, IDLE_GAP)
+    floor: list[float] = []
+    gap: list[float] = []
+    b2b: list[float] = []
+    for _ in range(plan.w1_rounds):
+        floor += series(run_floor, plan.w1_block)
+        time.sleep(0.05)
+        gap += series(run_box, plan.w1_block, IDLE_GAP)
+        time.sleep(0.05)
+        b2b += series(run_box, plan.w1_block)
+        time.sleep(0.05)
+    return {"floor": summary(floor), "isobox_gap": summary(gap), "isobox_b2b": summary(b2b)}
+
+
+def bench_w1_throughput(box: IsoBox, plan: Plan) -> dict[str, Any]:
+    """W1: runs/s from 4 threads, one shared box (2 workers) vs fresh contexts per thread."""
+    floor_rates: list[float] = []
+    box_rates: list[float] = []
+    box_errors = 0
+    for _ in range(plan.tput_reps):
+        rate, _errors = throughput(lambda: floor_eval(ONE_PLUS_TWO), THREADS, plan.tput_seconds)
+        floor_rates.append(rate)
+        wait_idle(box, WORKERS)
+        rate, errors = throughput(lambda: box.run(ONE_PLUS_TWO), THREADS, plan.tput_seconds)
+        box_rates.append(rate)
+        box_errors += errors
+    return {"floor": summary(floor_rates), "isobox": summary(box_rates),
+            "isobox_errors": box_errors, "threads": THREADS, "seconds": plan.tput_seconds}
+
+
+def bench_w2(box: IsoBox, plan: Plan) -> dict[str, Any]:
+    """W2: fib(25), interleaved floor and IsoBox runs."""
+
+    def run_box() -> None:
+        check(box.run(FIB), FIB_25, "IsoBox fib(25)")
+
+    def run_floor() -> None:
+        check(floor_eval(FIB), FIB_25, "floor fib(25)")
+
+    run_box()
+    run_floor()
+    floor: list[float] = []
+    isobox: list[float] = []
+    for _ in range(plan.w2_reps):
+        floor.append(timed(run_floor))
+        isobox.append(timed(run_box))
+    return {"floor": summary(floor), "isobox": summary(isobox)}
+
+
+def bench_w3(box: IsoBox, plan: Plan) -> dict[str, Any]:
+    """W3: 100k ints in and out; IsoBox stops at its first failure (it is reported)."""
+    data = list(range(W3_SIZE))
+    expected = [x * 2 for x in data]
+
+    def run_box() -> None:
+        check(box.run(MAP, sandbox={"data": data}), expected, "IsoBox map")
+
+    def run_floor() -> None:
+        check(floor_map(data), expected, "floor map")
+
+    run_floor()
+    floor: list[float] = []
+    isobox: list[float] = []
+    failure = ""
+    for _ in range(plan.w3_reps):
+        floor.append(timed(run_floor))
+        if failure:
+            continue
+        try:
+            isobox.append(timed(run_box))
+        except (IsoBoxError, AssertionError) as exc:
+            failure = f"{type(exc).__name__}: {exc}"
+    if failure:
+        wait_idle(box, WORKERS)
+        box.run(ONE_PLUS_TWO)  # a healthy run resets the pool's spawn backoff
+    return {"floor": summary(floor), "isobox": summary(isobox), "isobox_failure": failure}
+
+
+def bench_w4(box: IsoBox, plan: Plan) -> dict[str, Any]:
+    """W4: while(true){} with timeout=0.1: time to the error, then time to the next good run."""
+    to_error: list[float] = []
+    to_next: list[float] = []
+    kinds: dict[str, int] = {}
+    failures: list[str] = []
+    for _ in range(plan.w4_reps):
+        wait_idle(box, WORKERS)
+        start = time.perf_counter()
+        try:
+            box.run(SPIN, timeout=SPIN_TIMEOUT)
+        except BoxTimeoutError as exc:
+            raised = time.perf_counter()
+            kinds[exc.kind] = kinds.get(exc.kind, 0) + 1
+        except IsoBoxError as exc:
+            failures.append(f"{type(exc).__name__}: {exc}")
+            continue
+        else:
+            failures.append("no error was raised")
+            continue
+        check(box.run(ONE_PLUS_TWO), 3, "the run after the timeout")
+        to_next.append(time.perf_counter() - raised)
+        to_error.append(raised - start)
+    return {"to_error": summary(to_error), "to_next": summary(to_next), "kinds": kinds,
+            "failures": failures, "samples_to_error": to_error, "samples_to_next": to_next}
+
+
+def respawn_once(box: IsoBox) -> tuple[float, float, int]:
+    """Kill one idle worker; seconds until 2 idle workers, until a run succeeds; polls made."""
+    if not wait_idle(box, WORKERS):
+        raise RuntimeError("the pool did not reach 2 idle workers before the kill")
+    time.sleep(0.1)  # let the maintainer settle into its idle poll
+    victim = idle_workers(box)[0]
+    polls = 0
+    start = time.perf_counter()
+    os.kill(victim, signal.SIGKILL)
+    end = start + 10.0
+    while len(idle_workers(box, frozenset({victim}))) < WORKERS:
+        polls += 1
+        if time.perf_counter() >= end:
+            raise RuntimeError(f"no replacement for worker {victim} within 10 s")
+        time.sleep(POLL)
+    ready = time.perf_counter()
+    check(box.run(ONE_PLUS_TWO), 3, "the run after the respawn")
+    return ready - start, time.perf_counter() - start, polls
+
+
+def bench_respawn(plan: Plan, seen: set[int]) -> dict[str, Any]:
+    """Respawn after SIGKILL of an idle worker, on a box of its own."""
+    box = make_box()
+    try:
+        stats_cost = series(box.pool_stats, 50)
+        restarts_before = box.pool_stats().restarts
+        ready: list[float] = []
+        ran: list[float] = []
+        polls: list[float] = []
+        for _ in range(plan.respawn_reps):
+            seen.update(w.pid for w in box.pool_stats().workers)
+            to_ready, to_run, count = respawn_once(box)
+            ready.append(to_ready)
+            ran.append(to_run)
+            polls.append(count)
+            seen.update(w.pid for w in box.pool_stats().workers)
+        restarts = box.pool_stats().restarts - restarts_before
+    finally:
+        seen.update(child.pid for child in psutil.Process().children(recursive=True))
+        box.shutdown()
+    return {"to_idle": summary(ready), "to_run": summary(ran), "polls": summary(polls),
+            "pool_stats_call": summary(stats_cost), "restarts": restarts,
+            "samples_to_run": ran}
+
+
+def bench_idle_memory(box: IsoBox) -> dict[str, Any]:
+    """USS and RSS of idle workers (median over workers and three samples)."""
+    uss: list[float] = []
+    rss: list[float] = []
+    for _ in range(3):
+        wait_idle(box, WORKERS)
+        time.sleep(0.2)
+        for worker in box.pool_stats().workers:
+            if worker.state == "idle" and worker.uss:
+                uss.append(worker.uss / MIB)
+                rss.append(worker.rss / MIB)
+    return {"uss_mib": summary(uss), "rss_mib": summary(rss)}
+
+
+# -- the report --------------------------------------------------------------------------------
+def quickjs_build() -> dict[str, Any]:
+    """The quickjs-ng distribution in use: version, wheel tags, and whether it is prebuilt."""
+    dist = importlib.metadata.distribution("quickjs-ng")
+    wheel = dist.read_text("WHEEL") or ""
+    tags = [line.split(":", 1)[1].strip() for line in wheel.splitlines() if line.startswith("Tag:")]
+    direct = dist.read_text("direct_url.json")
+    if any("manylinux" in tag or "musllinux" in tag for tag in tags):
+        kind = "prebuilt wheel from the index"
+    elif tags:
+        kind = "built from source on this machine"
+    else:
+        kind = "unknown"
+    return {"version": importlib.metadata.version("quickjs-ng"), "build": kind, "tags": tags,
+            "direct_url": json.loads(direct) if direct else None, "module": _quickjs.__file__}
+
+
+def ms(seconds: float | None) -> str:
+    """Seconds as a short millisecond figure."""
+    if seconds is None or math.isnan(seconds):
+        return "-"
+    return f"{seconds * 1000:.3f} ms" if seconds < 0.01 else f"{seconds * 1000:.1f} ms"
+
+
+def ratio(value: float | None, floor: float | None) -> float | None:
+    """value / floor, or None when either is missing."""
+    if value is None or floor is None or not floor:
+        return None
+    return value / floor
+
+
+def fig(section: dict[str, Any] | None, *keys: str) -> float | None:
+    """A nested figure of a section, or None when the section failed or has no samples."""
+    node: Any = section
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return float(node) if isinstance(node, int | float) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One goal, judged from a measured figure."""
+
+    name: str
+    measured: float | None
+    limit: float
+    shown: str
+    at_least: bool = False
+
+    @property
+    def status(self) -> str:
+        if self.measured is None or math.isnan(self.measured):
+            return "MISS (not measured)"
+        ok = self.measured >= self.limit if self.at_least else self.measured <= self.limit
+        return "PASS" if ok else "MISS"
+
+
+def build_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """The comparison table: metric, IsoBox, floor, IsoBox/floor."""
+    lat, tput = res.get("w1_latency"), res.get("w1_throughput")
+    w2, w3, w4, resp = res.get("w2"), res.get("w3"), res.get("w4"), res.get("respawn")
+    mem = res.get("idle_memory")
+    rows: list[tuple[str, str, str, str]] = []
+
+    def timing(label: str, box: float | None, floor: float | None) -> None:
+        r = ratio(box, floor)
+        rows.append((label, ms(box), ms(floor), f"{r:.2f}x" if r is not None else "-"))
+
+    for q in ("p50", "p99"):
+        timing(f"W1 1+2 {q}, ~1 ms idle gap", fig(lat, "isobox_gap", q), fig(lat, "floor", q))
+    for q in ("p50", "p99"):
+        timing(f"W1 1+2 {q}, back to back", fig(lat, "isobox_b2b", q), fig(lat, "floor", q))
+    box_rate, floor_rate = fig(tput, "isobox", "p50"), fig(tput, "floor", "p50")
+    r = ratio(box_rate, floor_rate)
+    rows.append((f"W1 runs/s, {THREADS} threads (median)",
+                 f"{box_rate:,.0f}" if box_rate is not None else "-",
+                 f"{floor_rate:,.0f}" if floor_rate is not None else "-",
+                 f"{r:.2f}x" if r is not None else "-"))
+    timing("W2 fib(25) median", fig(w2, "isobox", "p50"), fig(w2, "floor", "p50"))
+    timing("W3 100k ints map median", fig(w3, "isobox", "p50"), fig(w3, "floor", "p50"))
+    timing("W4 time to error (100 ms limit) median", fig(w4, "to_error", "p50"), None)
+    timing("W4 next run after the error median", fig(w4, "to_next", "p50"), None)
+    timing("Respawn: kill -> 2 idle, median", fig(resp, "to_idle", "p50"), None)
+    timing("Respawn: kill -> 2 idle + run ok, median", fig(resp, "to_run", "p50"), None)
+    for key, label in (("uss_mib", "USS"), ("rss_mib", "RSS")):
+        value = fig(mem, key, "p50")
+        rows.append((f"Idle worker {label} median", f"{value:.1f} MiB" if value else "-", "-",
+                     "-"))
+    return rows
+
+
+def build_targets(res: dict[str, Any]) -> list[Target]:
+    """Every target of the brief, judged from the measured figures."""
+    lat, tput = res.get("w1_latency"), res.get("w1_throughput")
+    w2, w3, w4, resp = res.get("w2"), res.get("w3"), res.get("w4"), res.get("respawn")
+    w1r = ratio(fig(lat, "isobox_gap", "p50"), fig(lat, "floor", "p50"))
+    w2r = ratio(fig(w2, "isobox", "p50"), fig(w2, "floor", "p50"))
+    w3r = ratio(fig(w3, "isobox", "p50"), fig(w3, "floor", "p50"))
+    rate = fig(tput, "isobox", "p50")
+    err, nxt = fig(w4, "to_error", "p50"), fig(w4, "to_next", "p50")
+    back, uss = fig(resp, "to_run", "p50"), fig(res.get("idle_memory"), "uss_mib", "p50")
+
+    def x(v: float | None) -> str:
+        return f"{v:.2f}x" if v is not None else "-"
+
+    return [
+        Target("W1 p50 (idle gap) <= 1.5x floor", w1r, 1.5, x(w1r)),
+        Target(f">= 8000 runs/s, {THREADS} threads, 2 workers", rate, 8000,
+               f"{rate:,.0f}/s" if rate is not None else "-", at_least=True),
+        Target("W2 fib(25) <= 1.10x floor", w2r, 1.10, x(w2r)),
+        Target("W3 100k ints <= 1.5x floor", w3r, 1.5, x(w3r)),
+        Target("W4 error <= 150 ms (100 ms limit)", err, 0.150, ms(err)),
+        Target("W4 next run <= 30 ms", nxt, 0.030, ms(nxt)),
+        Target("Respawn <= 50 ms", back, 0.050, ms(back)),
+        Target("Idle USS <= 15 MiB", uss, 15.0, f"{uss:.1f} MiB" if uss is not None else "-"),
+    ]
+
+
+def notes(res: dict[str, Any]) -> list[str]:
+    """Failures and side facts worth reading next to the table."""
+    out = [f"{name}: FAILED: {err}" for name, err in res.get("errors", {}).items()]
+    w3, w4, resp = res.get("w3") or {}, res.get("w4") or {}, res.get("respawn") or {}
+    tput = res.get("w1_throughput") or {}
+    if w3.get("isobox_failure"):
+        out.append(f"W3 IsoBox run failed: {w3['isobox_failure']}")
+    if w4:
+        out.append(f"W4 timeout kinds: {w4.get('kinds')}; failures: {w4.get('failures') or 'none'}")
+    if tput.get("isobox_errors"):
+        out.append(f"W1 throughput: {tput['isobox_errors']} IsoBox runs raised")
+    if resp:
+        cost = fig(resp, "pool_stats_call", "p50")
+        out.append(f"Respawn: {resp.get('restarts')} restarts counted; one pool_stats() call "
+                   f"costs {ms(cost)} (median), so the poll period is ~1 ms plus that")
+    return out
+
+
+def print_report(env: dict[str, Any], res: dict[str, Any], targets: list[Target]) -> None:
+    """The readable table, the targets and the notes."""
+    qjs = env["quickjs_ng"]
+    print(f"\nIsoBox benchmark ({env['mode']} run, {env['elapsed']:.0f} s)")
+    print(f"quickjs-ng {qjs['version']} ({qjs['build']}; tags: {', '.join(qjs['tags']) or '-'})")
+    print(f"Python {env['python']}, {env['cpus']} CPUs, load average at start "
+          f"{env['loadavg_start']}, at end {env['loadavg_end']}")
+    rows = build_rows(res)
+    width = max(len(r[0]) for r in rows)
+    header = ("metric", "IsoBox", "floor", "IsoBox/floor")
+    print(f"\n{header[0]:<{width}}  {header[1]:>12}  {header[2]:>12}  {header[3]:>12}")
+    print("-" * (width + 42))
+    for row in rows:
+        print(f"{row[0]:<{width}}  {row[1]:>12}  {row[2]:>12}  {row[3]:>12}")
+    print("\ntargets")
+    width = max(len(t.name) for t in targets)
+    for target in targets:
+        print(f"  {target.name:<{width}}  {target.shown:>12}  {target.status}")
+    extra = notes(res)
+    if extra:
+        print("\nnotes")
+        for line in extra:
+            print(f"  - {line}")
+
+
+# -- running it --------------------------------------------------------------------------------
+def guarded(res: dict[str, Any], name: str, step: Callable[[], dict[str, Any]]) -> None:
+    """Run one section; a failure is recorded under ``errors`` and the run goes on."""
+    print(f"  {name} ...", file=sys.stderr, flush=True)
+    gc.collect()
+    try:
+        res[name] = step()
+    except Exception as exc:  # a report, not a gate: record and continue
+        res.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc(file=sys.stderr)
+
+
+def leftovers(seen: set[int]) -> list[int]:
+    """Processes this benchmark caused to start that still live (zombies excluded)."""
+    seen.update(child.pid for child in psutil.Process().children(recursive=True))
+    deadline = time.monotonic() + 3.0
+    while True:
+        alive = []
+        for pid in sorted(seen):
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                continue
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def reap(pids: list[int]) -> None:
+    """SIGKILL processes this benchmark started that shutdown left behind."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def run_all(plan: Plan) -> dict[str, Any]:
+    """Every section, in order; returns their figures (plus leftover processes)."""
+    res: dict[str, Any] = {}
+    seen: set[int] = set()
+    box: IsoBox | None = None
+    try:
+        box = make_box()
+        main_box = box
+        seen.update(child.pid for child in psutil.Process().children(recursive=True))
+        guarded(res, "w1_latency", lambda: bench_w1_latency(main_box, plan))
+        guarded(res, "w1_throughput", lambda: bench_w1_throughput(main_box, plan))
+        guarded(res, "w2", lambda: bench_w2(main_box, plan))
+        guarded(res, "w4", lambda: bench_w4(main_box, plan))
+        guarded(res, "idle_memory", lambda: bench_idle_memory(main_box))
+        guarded(res, "w3", lambda: bench_w3(main_box, plan))
+        seen.update(child.pid for child in psutil.Process().children(recursive=True))
+        seen.update(w.pid for w in main_box.pool_stats().workers)
+    except Exception as exc:  # the box itself failed to start: still report
+        res.setdefault("errors", {})["setup"] = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc(file=sys.stderr)
+    finally:
+        if box is not None:
+            box.shutdown()
+    guarded(res, "respawn", lambda: bench_respawn(plan, seen))
+    res["leftover_pids"] = leftovers(seen)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="few repetitions (about 15 s)")
+    parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    env: dict[str, Any] = {
+        "mode": "quick" if args.quick else "full", "plan": asdict(plan),
+        "quickjs_ng": quickjs_build(), "python": platform.python_version(),
+        "cpus": os.cpu_count(), "loadavg_start": [round(v, 2) for v in os.getloadavg()],
+    }
+    started = time.perf_counter()
+    print("running sections:", file=sys.stderr)
+    res = run_all(plan)
+    env["elapsed"] = time.perf_counter() - started
+    env["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    targets = build_targets(res)
+    print_report(env, res, targets)
+    if res["leftover_pids"]:
+        print(f"\nWARNING: processes left behind after shutdown: {res['leftover_pids']}; "
+              "killing them")
+        reap(res["leftover_pids"])
+    else:
+        print("\nno processes left behind")
+    if args.json:
+        doc = {"env": env, "results": res,
+               "targets": [{"name": t.name, "measured": t.measured, "limit": t.limit,
+                            "at_least": t.at_least, "status": t.status} for t in targets]}
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(doc, fh, indent=2, default=str)
+        print(f"figures written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,39 @@
+"""A tour of IsoBox on its embedded defaults: values, console, errors, limits, pool figures."""
+
+from __future__ import annotations
+
+import isobox
+from isobox import IsoBox
+
+
+def main() -> None:
+    """Run a handful of snippets in supervised workers and print what comes back."""
+    with IsoBox(timeout=2.0, memory_limit=32 * 2**20, pool={"min": 2, "max": 2}) as box:
+        box.warmup_pool()
+        print("1 + 2                  ->", box.run("1 + 2"))
+        print("map over sandbox data  ->", box.run("data.map(x => x * 2)", sandbox={"data": [1, 2, 3]}))
+        print("BigInt, Date, bytes    ->", box.run("[2n ** 64n, new Date(0), new Uint8Array([1, 2])]"))
+        print("top-level await        ->", box.run("const v = await Promise.resolve(20); v * 2"))
+        result = box.execute("console.log('hello from the sandbox'); 42")
+        print("console                ->", result.console, "value", result.value,
+              f"({result.duration * 1e3:.2f} ms on worker {result.worker_pid})")
+        for label, code in [("thrown error", "throw new TypeError('bad input')"),
+                            ("syntax error", "let x = ;"),
+                            ("endless loop", "while (true) {}"),
+                            ("memory bomb", "const a = []; for (;;) a.push('x'.repeat(1e4))"),
+                            ("function result", "({f() {}})")]:
+            try:
+                box.run(code, timeout=0.2)
+            except isobox.IsoBoxError as exc:
+                print(f"{label:<22} -> {type(exc).__name__}: {exc}")
+        box.warmup_pool()
+        for worker in box.pool_stats().workers:
+            print(f"worker {worker.pid}: {worker.state}, rss {worker.rss / 2**20:.1f} MiB, "
+                  f"uss {worker.uss / 2**20:.1f} MiB, {worker.runs} runs")
+        metrics = box.get_metrics()
+        print(f"runs {metrics.total_executions}, errors {metrics.errors}, "
+              f"p50 {metrics.p50_duration * 1e3:.2f} ms, restarts {metrics.worker_restarts}")
+
+
+if __name__ == "__main__":
+    main()
