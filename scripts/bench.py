@@ -91,8 +91,8 @@ class Plan:
     respawn_reps: int  # stays below the crash-loop breaker's 10 deaths per 10 s
 
 
-FULL = Plan(w1_rounds=4, w1_block=500, w1_warmup=100, tput_seconds=2.0, tput_reps=3,
-            w2_reps=40, w3_reps=15, w4_reps=10, respawn_reps=8)
+FULL = Plan(w1_rounds=6, w1_block=500, w1_warmup=200, tput_seconds=2.0, tput_reps=5,
+            w2_reps=60, w3_reps=20, w4_reps=12, respawn_reps=8)
 QUICK = Plan(w1_rounds=2, w1_block=150, w1_warmup=30, tput_seconds=0.75, tput_reps=1,
              w2_reps=8, w3_reps=4, w4_reps=3, respawn_reps=3)
 
@@ -333,8 +333,23 @@ def bench_w4(box: IsoBox, plan: Plan) -> dict[str, Any]:
             "failures": failures, "samples_to_error": to_error, "samples_to_next": to_next}
 
 
-def respawn_once(box: IsoBox) -> tuple[float, float, int]:
-    """Kill one idle worker; seconds until 2 idle workers, until a run succeeds; polls made."""
+class EventClock:
+    """When the pool announced ``worker:crashed`` / ``worker:started`` (perf_counter seconds)."""
+
+    def __init__(self, box: IsoBox) -> None:
+        self.crashed: dict[int, float] = {}
+        self.started: dict[int, float] = {}
+        box.on("worker:crashed", lambda p: self.crashed.setdefault(p["pid"], time.perf_counter()))
+        box.on("worker:started", lambda p: self.started.setdefault(p["pid"], time.perf_counter()))
+
+    def first_start_after(self, moment: float) -> float | None:
+        """The first worker start announced after ``moment``."""
+        later = [t for t in self.started.values() if t >= moment]
+        return min(later) if later else None
+
+
+def respawn_once(box: IsoBox, clock: EventClock) -> dict[str, float]:
+    """Kill one idle worker; seconds from the kill to each milestone, and the polls made."""
     if not wait_idle(box, WORKERS):
         raise RuntimeError("the pool did not reach 2 idle workers before the kill")
     time.sleep(0.1)  # let the maintainer settle into its idle poll
@@ -350,32 +365,37 @@ def respawn_once(box: IsoBox) -> tuple[float, float, int]:
         time.sleep(POLL)
     ready = time.perf_counter()
     check(box.run(ONE_PLUS_TWO), 3, "the run after the respawn")
-    return ready - start, time.perf_counter() - start, polls
+    ran = time.perf_counter()
+    noticed = clock.crashed.get(victim)
+    spawned = clock.first_start_after(start)
+    return {"to_idle": ready - start, "to_run": ran - start, "polls": polls,
+            "to_crash_event": noticed - start if noticed is not None else math.nan,
+            "to_start_event": spawned - start if spawned is not None else math.nan}
 
 
 def bench_respawn(plan: Plan, seen: set[int]) -> dict[str, Any]:
     """Respawn after SIGKILL of an idle worker, on a box of its own."""
     box = make_box()
     try:
+        clock = EventClock(box)
         stats_cost = series(box.pool_stats, 50)
         restarts_before = box.pool_stats().restarts
-        ready: list[float] = []
-        ran: list[float] = []
-        polls: list[float] = []
+        samples: list[dict[str, float]] = []
         for _ in range(plan.respawn_reps):
             seen.update(w.pid for w in box.pool_stats().workers)
-            to_ready, to_run, count = respawn_once(box)
-            ready.append(to_ready)
-            ran.append(to_run)
-            polls.append(count)
+            samples.append(respawn_once(box, clock))
             seen.update(w.pid for w in box.pool_stats().workers)
         restarts = box.pool_stats().restarts - restarts_before
     finally:
         seen.update(child.pid for child in psutil.Process().children(recursive=True))
         box.shutdown()
-    return {"to_idle": summary(ready), "to_run": summary(ran), "polls": summary(polls),
-            "pool_stats_call": summary(stats_cost), "restarts": restarts,
-            "samples_to_run": ran}
+    out: dict[str, Any] = {
+        key: summary([s[key] for s in samples if not math.isnan(s[key])])
+        for key in ("to_idle", "to_run", "polls", "to_crash_event", "to_start_event")
+    }
+    out.update(pool_stats_call=summary(stats_cost), restarts=restarts,
+               samples_to_run=[s["to_run"] for s in samples])
+    return out
 
 
 def bench_idle_memory(box: IsoBox) -> dict[str, Any]:
@@ -446,7 +466,7 @@ class Target:
     @property
     def status(self) -> str:
         if self.measured is None or math.isnan(self.measured):
-            return "MISS (not measured)"
+            return "MISS (no figure: the run failed)"
         ok = self.measured >= self.limit if self.at_least else self.measured <= self.limit
         return "PASS" if ok else "MISS"
 
@@ -527,6 +547,10 @@ def notes(res: dict[str, Any]) -> list[str]:
         cost = fig(resp, "pool_stats_call", "p50")
         out.append(f"Respawn: {resp.get('restarts')} restarts counted; one pool_stats() call "
                    f"costs {ms(cost)} (median), so the poll period is ~1 ms plus that")
+        out.append("Respawn breakdown (medians from the kill): pool reports worker:crashed "
+                   f"after {ms(fig(resp, 'to_crash_event', 'p50'))}, worker:started after "
+                   f"{ms(fig(resp, 'to_start_event', 'p50'))}, 2 idle seen after "
+                   f"{ms(fig(resp, 'to_idle', 'p50'))}")
     return out
 
 
