@@ -10,10 +10,14 @@ def main() -> None:
     """Run a handful of snippets in supervised workers and print what comes back."""
     with IsoBox(timeout=2.0, memory_limit=32 * 2**20, pool={"min": 2, "max": 2}) as box:
         box.warmup_pool()
-        print("1 + 2                  ->", box.run("1 + 2"))
-        print("map over sandbox data  ->", box.run("data.map(x => x * 2)", sandbox={"data": [1, 2, 3]}))
-        print("BigInt, Date, bytes    ->", box.run("[2n ** 64n, new Date(0), new Uint8Array([1, 2])]"))
-        print("top-level await        ->", box.run("const v = await Promise.resolve(20); v * 2"))
+        show = [
+            ("1 + 2", "1 + 2", None),
+            ("map over sandbox data", "data.map(x => x * 2)", {"data": [1, 2, 3]}),
+            ("BigInt, Date, bytes", "[2n ** 64n, new Date(0), new Uint8Array([1, 2])]", None),
+            ("top-level await", "const v = await Promise.resolve(20); v * 2", None),
+        ]
+        for label, code, sandbox in show:
+            print(f"{label:<22} ->", box.run(code, sandbox=sandbox))
         result = box.execute("console.log('hello from the sandbox'); 42")
         print("console                ->", result.console, "value", result.value,
               f"({result.duration * 1e3:.2f} ms on worker {result.worker_pid})")

@@ -217,7 +217,7 @@ class Pool:
         except asyncio.CancelledError:
             late = self._abandon(waiter)
             if late is not None:
-                self.release(late)
+                self._offer(late)
             raise
         return self._after_wait(waiter)
 
@@ -284,8 +284,13 @@ class Pool:
 
     def crash_error(
         self, handle: WorkerHandle, detail: str, *, unexpected: bool = False
-    ) -> WorkerCrashedError:
+    ) -> IsoBoxError:
         """Classify the death of ``handle`` (which just lost its channel) and drop it."""
+        if self._closed:
+            self.discard(handle, "stopped at shutdown", expected=True)
+            closed = ClosedError("the box was shut down during the run")
+            closed.worker_pid = handle.pid
+            return closed
         status = self._zygote.exit_status(handle.pid, 1.0)
         death = classify_exit(status, killed_by_us=handle.kill_reason)
         crashed = unexpected or not handle.kill_reason
