@@ -68,9 +68,13 @@ class ZygoteClient:
         """Start the fork server and wait until it has preloaded the engine."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         cmd = [sys.executable, "-m", "isobox.workers.forkserver", str(child.fileno())]
+        # The fork server (and so every worker's initial environment block, which stays
+        # readable in /proc/PID/environ even after os.environ.clear()) gets no environment
+        # beyond what Python needs to find isobox.
+        env = {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}
         self._proc = subprocess.Popen(
             cmd, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, start_new_session=True,
+            stdout=subprocess.DEVNULL, start_new_session=True, env=env,
         )
         child.close()
         parent.settimeout(timeout)

@@ -176,6 +176,17 @@ class Engine:
 
 
 def _parse_finish(text: str) -> RunOutcome:
+    """Split the prelude's answer; a script that sabotaged the built-ins it relies on gets a
+    plain error for its own run, never a crashed worker."""
+    try:
+        return _split_finish(text)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        record = {"name": "Error", "stack": "",
+                  "message": "the result could not be converted (were built-ins replaced?)"}
+        return RunOutcome("E", json.dumps(record), retire=True)
+
+
+def _split_finish(text: str) -> RunOutcome:
     kind = text[0]
     colon = text.index(":")
     length = int(text[1:colon])
