@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -50,7 +51,7 @@ def test_confinement_of_a_worker() -> None:
         assert len(fds) <= 5  # stdio, the channel, and the engine's own (epoll or none)
         for std in (0, 1, 2):
             assert os.readlink(f"/proc/{pid}/fd/{std}") == "/dev/null"
-        limits = open(f"/proc/{pid}/limits").read()
+        limits = Path(f"/proc/{pid}/limits").read_text()
         core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
         assert core.split()[4:6] == ["0", "0"]
         assert proc.pid == os.getpgid(pid) == os.getsid(pid)  # a session of its own
