@@ -2,7 +2,8 @@
 
 - :func:`jittered_max_runs`: each worker retires after ``max_runs`` plus up to 10% jitter, so a
   pool started at once does not recycle all its workers at once (gunicorn's max_requests_jitter).
-- :class:`Backoff`: exponential delay between failed or crashing spawns, reset by a healthy run.
+- :class:`Backoff`: exponential delay between consecutive failed or crashing spawns (none after
+  a single one), reset by a healthy run.
 - :class:`CrashLoopBreaker`: too many crashes within a window opens the breaker; runs then fail
   fast with a clear error instead of respawning in a tight loop, until the window has passed.
 - :func:`classify_exit`: a raw wait status (plus what the supervisor knew) becomes
@@ -45,10 +46,11 @@ class Backoff:
         self.failures = 0
 
     def delay(self) -> float:
-        """Seconds to wait before the next spawn."""
-        if self.failures == 0:
+        """Seconds to wait before the next spawn: none after a single failure (a worker killed
+        from outside is replaced at once), then base, 2*base, ... for consecutive failures."""
+        if self.failures <= 1:
             return 0.0
-        return float(min(self.cap, self.base * 2.0 ** (self.failures - 1)))
+        return float(min(self.cap, self.base * 2.0 ** (self.failures - 2)))
 
 
 class CrashLoopBreaker:

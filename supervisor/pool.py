@@ -244,6 +244,7 @@ class Pool:
                 handle.state = "idle"
                 handle.last_used = time.monotonic()
                 self._idle.append(handle)
+                self._poke()  # so the maintainer watches this channel for a death while idle
                 return
         self._stop_one(handle)
 

@@ -15,13 +15,13 @@ def _status(*, code: int | None = None, sig: int | None = None) -> int:
 
 
 def test_backoff_doubles_to_a_cap_and_resets() -> None:
-    """Backoff grows 0, base, 2*base, ... up to cap, and a success resets it."""
+    """Backoff is 0 after one failure, then base, 2*base, ... up to cap; success resets it."""
     backoff = Backoff(base=0.1, cap=0.5)
     delays = []
-    for _ in range(5):
+    for _ in range(6):
         delays.append(backoff.delay())
         backoff.failed()
-    assert delays == [0.0, 0.1, 0.2, 0.4, 0.5]
+    assert delays == [0.0, 0.0, 0.1, 0.2, 0.4, 0.5]
     backoff.succeeded()
     assert backoff.delay() == 0.0
 

@@ -276,3 +276,13 @@ def test_validate_code(box: IsoBox) -> None:
     assert not bad.valid
     assert isinstance(bad.error, isobox.CompileError)
     assert bad.error.line == 2
+
+
+@pytest.mark.parametrize("size", [1000, 5000, 200_000])
+def test_long_concatenated_results(box: IsoBox, size: int) -> None:
+    """Long results built by concatenation (QuickJS ropes) come back whole."""
+    assert box.run(f"'a'.repeat({size} / 2) + 'b'.repeat({size} / 2)") == "a" * (size // 2) + "b" * (size // 2)
+    assert box.run(f"[('x'.repeat({size}) + 'y')]") == ["x" * size + "y"]
+    with pytest.raises(isobox.ScriptError) as info:
+        box.run(f"throw new Error('m'.repeat(500) + 'n'.repeat({size} % 60000))")
+    assert info.value.message.startswith("m" * 500)

@@ -13,6 +13,7 @@ an untrusted object.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -25,7 +26,10 @@ import _quickjs
 __all__ = ["Engine", "RunOutcome", "RunSpec"]
 
 _PRELUDE = resources.files(__package__).joinpath("prelude.js").read_text(encoding="utf-8")
-_LIBRARY = resources.files(__package__).joinpath("library.js").read_text(encoding="utf-8")
+_LIBRARIES = json.dumps([
+    resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
+    for name in ("hot.js", "cold.js")
+])
 _MIN_CALL_BUDGET = 0.001
 _MAX_JOBS = 10_000_000  # a backstop: the CPU budget ends job floods long before this
 _CONSOLE_EVERY = 0.01  # seconds between console flushes while the promise queue drains
@@ -97,7 +101,7 @@ class Engine:
         if self._ready is None:
             ctx = _quickjs.Context()
             fn = ctx.eval(_PRELUDE)
-            fn("lib", _LIBRARY)
+            fn("src", _LIBRARIES)
             self._ready = (ctx, fn)
 
     def run(self, spec: RunSpec, on_output: OutputSink | None = None) -> RunOutcome:
@@ -116,16 +120,13 @@ class Engine:
             outcome = _classify_engine_failure(str(exc), spec, ctx, fn, budget)
         except _CpuExhausted:
             outcome = _timeout_outcome(spec, ctx, fn)
+        except Exception as exc:  # the binding failed to convert something: never crash the worker
+            record = {"name": "InternalError", "stack": "",
+                      "message": f"the engine failed: {type(exc).__name__}: {exc}"[:500]}
+            outcome = RunOutcome("E", json.dumps(record), retire=True)
         outcome.cpu_time = budget.used()
-        try:
-            usage = ctx.memory()
-            outcome.memory = int(usage["memory_used_size"])
-        except Exception:
-            return outcome
-        # QuickJS throws null when it cannot even allocate its "out of memory" error.
-        if (outcome.kind == "E" and outcome.payload.startswith('{"name": "", "message": "null"')
-                and int(usage["malloc_size"]) >= spec.memory_limit * 0.75):
-            outcome.kind, outcome.payload, outcome.retire = "M", "{}", True
+        with contextlib.suppress(Exception):  # a poisoned runtime may refuse; the figure is optional
+            outcome.memory = int(ctx.memory()["memory_used_size"])
         return outcome
 
     def _call(self, ctx: Any, fn: Any, budget: _Budget, op: str, arg: str = "") -> str:
@@ -195,10 +196,10 @@ def _split_finish(text: str) -> RunOutcome:
     if console_json == '"overflow"':
         return RunOutcome("X", "{}", retire=False)
     console = [(str(k), str(m)) for k, m in json.loads(console_json)]
+    if kind == "M":
+        return RunOutcome("M", "{}", console, retire=True)
     if kind in "EC":
         record = json.loads(payload)
-        if record.get("name") == "InternalError" and record.get("message") == "out of memory":
-            return RunOutcome("M", "{}", console, retire=True)
         record["stack"] = clean_stack(str(record.get("stack", "")))
         payload = json.dumps(record)
     return RunOutcome(kind, payload, console)

@@ -1,8 +1,20 @@
-// IsoBox trusted library: the rare paths of the prelude (errors, compile errors, top-level await,
-// special values, tagged inputs, console formatting). Parsed lazily, possibly after user code ran,
-// so it touches no global and no prototype method: only the intrinsics captured in K, via apply.
-(function (K, lim) {
+// IsoBox trusted library, part 2: the rare paths (errors, compile errors, top-level await,
+// special values, tagged inputs, console formatting of objects, validation). Parsed only when a
+// run needs it, possibly after user code ran: it takes the prelude's captured intrinsics from S
+// and reads the rest at load time, so a script that replaced built-ins can only break the
+// handling of its own run, inside its own budget.
+(function (S, H) {
   'use strict';
+  const hot = H();
+  const K = { ap: S.ap, JS: S.JS, ev: S.ev, isView: ArrayBuffer.isView, hasOwn: Object.hasOwn,
+    keys: Object.keys, entries: Object.entries, fromEntries: Object.fromEntries, isArr: Array.isArray,
+    defProp: S.dp, Tag: hot.Tag, D: Date, AB: ArrayBuffer, U8: Uint8Array, b64: Uint8Array.prototype.toBase64,
+    fromB64: Uint8Array.fromBase64, big: BigInt, bigStr: BigInt.prototype.toString, M: Map, S: Set,
+    aFrom: Array.from, mapEntries: Map.prototype.entries, setValues: Set.prototype.values, Err: Error,
+    SynErr: SyntaxError, TypeErr: TypeError, RangeErr: RangeError, Str: String, slice: String.prototype.slice,
+    split: String.prototype.split, indexOf: String.prototype.indexOf, reExec: RegExp.prototype.exec,
+    AsyncFn: (async function () {}).constructor, enc: hot.enc };
+  const lim = S.lim;
   const { ap, JS, isView, hasOwn, keys, entries, fromEntries, isArr, defProp, Tag, D, AB } = K;
   const T = '$isobox';
   const str = (s, m, a) => ap(K[m], s, a);
@@ -125,7 +137,8 @@
     return code;
   }
   const HEAD = '(async function isoboxAsync() {';
-  function failed(e, code, settle, set) {
+  function failed(e, code) {
+    const settle = S.settle, set = (st) => { S.st = st; };
     // The first evaluation threw: a runtime error, a compile error, or top-level await.
     const r = compileRecord(e, 0);
     if (!r.compile || !(e instanceof K.SynErr) || str(code, 'indexOf', ['await']) < 0) {
@@ -186,5 +199,6 @@
     }
     return '';
   }
-  return { validate, rep, kind, encodeFailure, tooLarge, fmt, failed, failure, revive };
+  const op = (name, a) => (name === 'validate' ? validate(S.JP(a)) : '');
+  return { op, validate, rep, kind, encodeFailure, tooLarge, fmt, failed, failure, revive };
 })

@@ -1,0 +1,64 @@
+// IsoBox trusted library, part 1: globals from the sandbox and the encoding of object results.
+// Parsed on demand, possibly after user code ran: it uses the intrinsics the prelude captured
+// (S) for its own control flow, and reads the rest at load time. A script that replaced
+// built-ins can only break the conversion of its own result, inside its own budget.
+(function (S) {
+  'use strict';
+  const { JS, ap, dp, G } = S;
+  const isArr = Array.isArray, proto = Object.getPrototypeOf, OP = Object.prototype;
+  const hasOwn = Object.hasOwn, keys = Object.keys, D = Date, getTime = D.prototype.getTime;
+  const C = () => S.cold || (S.cold = S.ev(S.coldSrc)(S, H));
+  class Tag { #b; constructor(t, v) { this.$isobox = t; this.v = v; } static is(o) { return #b in o; } }
+  let conv = false;
+  // Date.prototype.toJSON runs before a replacer sees the value: the one place to tell a Date
+  // from a string. Installed for the encoding only; a script that froze it gets ISO strings.
+  function dateToJSON() { return new Tag('date', ap(getTime, this, [])); }
+  function rep(k, v) {
+    const t = typeof v;
+    if (t === 'string' || t === 'boolean' || (t === 'number' && v - v === 0)) return v;
+    if (t === 'undefined') return null;
+    if (t === 'object' && (v === null || isArr(v) || Tag.is(v) || (proto(v) === OP && !hasOwn(v, '$isobox')))) return v;
+    return C().rep(v);
+  }
+  function enc(v) {
+    const desc = Object.getOwnPropertyDescriptor(D.prototype, 'toJSON');
+    let swapped = false;
+    try { dp(D.prototype, 'toJSON', { value: dateToJSON, writable: true, configurable: true }); swapped = true; } catch (_) { /* frozen */ }
+    conv = true;
+    try { return JS(v, rep); } finally {
+      conv = false;
+      if (swapped) { if (desc) dp(D.prototype, 'toJSON', desc); else delete D.prototype.toJSON; }
+    }
+  }
+  function takeCon() { if (S.over) return '"overflow"'; if (!S.con.length) return '[]'; const o = JS(S.con); S.con = []; return o; }
+  function kind(v) {
+    return v === null ? 'null' : isArr(v) ? 'array' : typeof v !== 'object' ? typeof v
+      : proto(v) === OP ? 'object' : C().kind(v);
+  }
+  function finish() {
+    const cj = takeCon(), h = (k, p) => k + cj.length + ':' + cj + p;
+    const st = S.st;
+    if (st === null || !st.ok) { const r = C().failure(st); return h(r[0], r[1]); }
+    const v = st.value;
+    let t;
+    try { t = enc(v); } catch (e) { const f = C().encodeFailure(e, v); return h(f[0], f[1]); }
+    if (t === undefined) t = 'null';
+    if (t.length > S.lim.result) return h('S', C().tooLarge(t.length));
+    return h('R', kind(v) + '\n' + t);
+  }
+  function setup(cfg) {
+    if (cfg.globals !== null) {
+      const g = cfg.tagged ? C().revive(cfg.globals) : cfg.globals;
+      for (const k of keys(g)) dp(G, k, { value: g[k], writable: true, configurable: true, enumerable: true });
+    }
+    if (cfg.env !== null) dp(G, 'process', { value: Object.freeze({ env: Object.freeze(cfg.env) }) });
+  }
+  const H = () => api;
+  const api = {
+    Tag, enc, finish, setup, takeCon,
+    fmt: (v) => C().fmt(v),
+    failed: (e, code) => C().failed(e, code),
+    op: (op, a) => (op === 'console' ? takeCon() : C().op(op, a)),
+  };
+  return api;
+})
