@@ -21,7 +21,9 @@ limits, in this process):
 How: every series is warmed up first and then measured with ``time.perf_counter``; floor and
 IsoBox series are interleaved in rounds so background load drifts hit both alike; figures are
 medians and percentiles over many repetitions (the machine has 2 cores and is noisy). Each
-target is judged PASS/MISS from the measured numbers. A section that fails is reported as such
+target is judged PASS/MISS from the measured numbers. The report also says how many cores other
+processes kept busy meanwhile (machine-wide busy CPU minus this process tree's), since that load
+skews every figure. A section that fails is reported as such
 and the run goes on. The script always exits 0 (it is a report, not a gate), shuts its boxes
 down and checks that none of the processes they started is left.
 
@@ -74,6 +76,7 @@ SPIN = "while(true){}"
 SPIN_TIMEOUT = 0.1
 IDLE_GAP = 0.001
 POLL = 0.001
+UNCHECKED = object()  # a Probe whose value is not checked
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,18 +143,35 @@ def floor_map(data: list[int]) -> Any:
 
 
 # -- measuring helpers -------------------------------------------------------------------------
-def timed(call: Callable[[], object]) -> float:
-    """Wall seconds one call takes."""
+def check(value: object, expected: object, what: str) -> None:
+    """Fail the section when a run returned something else than it should."""
+    if expected is not UNCHECKED and value != expected:
+        raise AssertionError(f"{what} returned a wrong value: {str(value)[:80]}")
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """One call to time, the value it must return, and its name for error messages."""
+
+    call: Callable[[], object]
+    expected: object
+    what: str
+
+
+def timed(probe: Probe) -> float:
+    """Wall seconds one call takes; its value is checked after the clock stopped."""
     start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
+    value = probe.call()
+    elapsed = time.perf_counter() - start
+    check(value, probe.expected, probe.what)
+    return elapsed
 
 
-def series(call: Callable[[], object], count: int, gap: float = 0.0) -> list[float]:
-    """``count`` timings of ``call``, sleeping ``gap`` seconds between calls (not timed)."""
+def series(probe: Probe, count: int, gap: float = 0.0) -> list[float]:
+    """``count`` timings of ``probe``, sleeping ``gap`` seconds between calls (not timed)."""
     out: list[float] = []
     for _ in range(count):
-        out.append(timed(call))
+        out.append(timed(probe))
         if gap:
             time.sleep(gap)
     return out
@@ -211,22 +231,11 @@ def make_box() -> IsoBox:
     return box
 
 
-def check(value: object, expected: object, what: str) -> None:
-    """Fail the section when a run returned something else than it should."""
-    if value != expected:
-        raise AssertionError(f"{what} returned a wrong value: {str(value)[:80]}")
-
-
 # -- the sections ------------------------------------------------------------------------------
 def bench_w1_latency(box: IsoBox, plan: Plan) -> dict[str, Any]:
     """W1: sequential 1+2, floor vs IsoBox with a ~1 ms idle gap vs back to back."""
-
-    def run_box() -> None:
-        check(box.run(ONE_PLUS_TWO), 3, "IsoBox 1+2")
-
-    def run_floor() -> None:
-        check(floor_eval(ONE_PLUS_TWO), 3, "floor 1+2")
-
+    run_box = Probe(lambda: box.run(ONE_PLUS_TWO), 3, "IsoBox 1+2")
+    run_floor = Probe(lambda: floor_eval(ONE_PLUS_TWO), 3, "floor 1+2")
     series(run_floor, plan.w1_warmup)
     series(run_box, plan.w1_warmup, IDLE_GAP)
     floor: list[float] = []
@@ -260,15 +269,10 @@ def bench_w1_throughput(box: IsoBox, plan: Plan) -> dict[str, Any]:
 
 def bench_w2(box: IsoBox, plan: Plan) -> dict[str, Any]:
     """W2: fib(25), interleaved floor and IsoBox runs."""
-
-    def run_box() -> None:
-        check(box.run(FIB), FIB_25, "IsoBox fib(25)")
-
-    def run_floor() -> None:
-        check(floor_eval(FIB), FIB_25, "floor fib(25)")
-
-    run_box()
-    run_floor()
+    run_box = Probe(lambda: box.run(FIB), FIB_25, "IsoBox fib(25)")
+    run_floor = Probe(lambda: floor_eval(FIB), FIB_25, "floor fib(25)")
+    timed(run_box)
+    timed(run_floor)
     floor: list[float] = []
     isobox: list[float] = []
     for _ in range(plan.w2_reps):
@@ -281,14 +285,9 @@ def bench_w3(box: IsoBox, plan: Plan) -> dict[str, Any]:
     """W3: 100k ints in and out; IsoBox stops at its first failure (it is reported)."""
     data = list(range(W3_SIZE))
     expected = [x * 2 for x in data]
-
-    def run_box() -> None:
-        check(box.run(MAP, sandbox={"data": data}), expected, "IsoBox map")
-
-    def run_floor() -> None:
-        check(floor_map(data), expected, "floor map")
-
-    run_floor()
+    run_box = Probe(lambda: box.run(MAP, sandbox={"data": data}), expected, "IsoBox map")
+    run_floor = Probe(lambda: floor_map(data), expected, "floor map")
+    timed(run_floor)
     floor: list[float] = []
     isobox: list[float] = []
     failure = ""
@@ -378,7 +377,7 @@ def bench_respawn(plan: Plan, seen: set[int]) -> dict[str, Any]:
     box = make_box()
     try:
         clock = EventClock(box)
-        stats_cost = series(box.pool_stats, 50)
+        stats_cost = series(Probe(box.pool_stats, UNCHECKED, "pool_stats"), 50)
         restarts_before = box.pool_stats().restarts
         samples: list[dict[str, float]] = []
         for _ in range(plan.respawn_reps):
@@ -394,7 +393,8 @@ def bench_respawn(plan: Plan, seen: set[int]) -> dict[str, Any]:
         for key in ("to_idle", "to_run", "polls", "to_crash_event", "to_start_event")
     }
     out.update(pool_stats_call=summary(stats_cost), restarts=restarts,
-               samples_to_run=[s["to_run"] for s in samples])
+               samples_to_run=[s["to_run"] for s in samples],
+               samples_to_crash_event=[s["to_crash_event"] for s in samples])
     return out
 
 
@@ -547,6 +547,10 @@ def notes(res: dict[str, Any]) -> list[str]:
         cost = fig(resp, "pool_stats_call", "p50")
         out.append(f"Respawn: {resp.get('restarts')} restarts counted; one pool_stats() call "
                    f"costs {ms(cost)} (median), so the poll period is ~1 ms plus that")
+        late = [t for t in resp.get("samples_to_crash_event", []) if t > 0.1]
+        out.append(f"Respawn: the death was noticed more than 100 ms after the kill in "
+                   f"{len(late)} of {len(resp.get('samples_to_crash_event', []))} kills; "
+                   f"slowest kill -> run ok: {ms(fig(resp, 'to_run', 'max'))}")
         out.append("Respawn breakdown (medians from the kill): pool reports worker:crashed "
                    f"after {ms(fig(resp, 'to_crash_event', 'p50'))}, worker:started after "
                    f"{ms(fig(resp, 'to_start_event', 'p50'))}, 2 idle seen after "
@@ -561,6 +565,9 @@ def print_report(env: dict[str, Any], res: dict[str, Any], targets: list[Target]
     print(f"quickjs-ng {qjs['version']} ({qjs['build']}; tags: {', '.join(qjs['tags']) or '-'})")
     print(f"Python {env['python']}, {env['cpus']} CPUs, load average at start "
           f"{env['loadavg_start']}, at end {env['loadavg_end']}")
+    print(f"other processes kept {env['other_cores_busy']:.2f} of {env['cpus']} cores busy on "
+          "average during the run" + ("  << figures are skewed by that load"
+                                      if env["other_cores_busy"] > 0.25 else ""))
     rows = build_rows(res)
     width = max(len(r[0]) for r in rows)
     header = ("metric", "IsoBox", "floor", "IsoBox/floor")
@@ -643,9 +650,19 @@ def run_all(plan: Plan) -> dict[str, Any]:
     return res
 
 
+def busy_cpu_seconds() -> tuple[float, float]:
+    """CPU seconds the whole machine spent busy, and this process with its reaped children."""
+    total = psutil.cpu_times()
+    busy = sum(total) - total.idle - getattr(total, "iowait", 0.0)
+    # guest time is already counted in user time
+    busy -= getattr(total, "guest", 0.0) + getattr(total, "guest_nice", 0.0)
+    own = psutil.Process().cpu_times()
+    return busy, own.user + own.system + own.children_user + own.children_system
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--quick", action="store_true", help="few repetitions (about 15 s)")
+    parser.add_argument("--quick", action="store_true", help="few repetitions (about 10 s)")
     parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
@@ -655,9 +672,13 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(), "loadavg_start": [round(v, 2) for v in os.getloadavg()],
     }
     started = time.perf_counter()
+    machine_before, own_before = busy_cpu_seconds()
     print("running sections:", file=sys.stderr)
     res = run_all(plan)
     env["elapsed"] = time.perf_counter() - started
+    machine_after, own_after = busy_cpu_seconds()
+    env["other_cores_busy"] = max(0.0, (machine_after - machine_before)
+                                  - (own_after - own_before)) / env["elapsed"]
     env["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     targets = build_targets(res)
     print_report(env, res, targets)

@@ -125,7 +125,7 @@ class Engine:
                       "message": f"the engine failed: {type(exc).__name__}: {exc}"[:500]}
             outcome = RunOutcome("E", json.dumps(record), retire=True)
         outcome.cpu_time = budget.used()
-        with contextlib.suppress(Exception):  # a poisoned runtime may refuse; the figure is optional
+        with contextlib.suppress(Exception):  # a poisoned runtime may refuse; figure is optional
             outcome.memory = int(ctx.memory()["memory_used_size"])
         return outcome
 
