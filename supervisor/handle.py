@@ -17,7 +17,7 @@ import time
 from collections import deque
 
 from isobox.protocol import Frame, FrameDecoder
-from isobox.supervisor.zygote import SpawnedWorker, signal_worker
+from isobox.supervisor.zygote import SpawnedWorker, ZygoteClient, signal_worker
 
 __all__ = ["ChannelClosed", "WorkerHandle"]
 
@@ -31,7 +31,8 @@ class ChannelClosed(Exception):
 class WorkerHandle:
     """Supervisor-side state of one worker process."""
 
-    def __init__(self, spawned: SpawnedWorker, max_runs: int | None) -> None:
+    def __init__(self, spawned: SpawnedWorker, max_runs: int | None,
+                 origin: ZygoteClient) -> None:
         self.pid = spawned.pid
         self.pidfd = spawned.pidfd
         self.sock = spawned.channel
@@ -40,9 +41,11 @@ class WorkerHandle:
         self.state = "starting"
         self.runs = 0
         self.max_runs = max_runs
+        self.origin = origin  # the fork server that forked it, and so knows its exit status
         self.started_at = time.time()
         self.last_used = time.monotonic()
         self.kill_reason = ""
+        self.exited = False  # set by the maintainer once the pidfd reports the process gone
         self._frames: deque[Frame] = deque()
         self._closed = False
 

@@ -149,7 +149,7 @@ class Pool:
     def _escalate(self, handles: list[WorkerHandle], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for sig, wait in ((None, deadline), (signal.SIGTERM, None), (signal.SIGKILL, None)):
-            alive = [h for h in handles if self._zygote.exit_status(h.pid, 0) is None]
+            alive = [h for h in handles if h.origin.exit_status(h.pid, 0) is None]
             if not alive:
                 return
             if sig is not None:
@@ -157,7 +157,7 @@ class Pool:
                     handle.kill("stopped at shutdown", sig)
             end = wait if wait is not None else time.monotonic() + 1.0
             for handle in alive:
-                self._zygote.exit_status(handle.pid, max(0.0, end - time.monotonic()))
+                handle.origin.exit_status(handle.pid, max(0.0, end - time.monotonic()))
 
     @property
     def closed(self) -> bool:
@@ -244,7 +244,6 @@ class Pool:
                 handle.state = "idle"
                 handle.last_used = time.monotonic()
                 self._idle.append(handle)
-                self._poke()  # so the maintainer watches this channel for a death while idle
                 return
         self._stop_one(handle)
 
@@ -292,7 +291,7 @@ class Pool:
             closed = ClosedError("the box was shut down during the run")
             closed.worker_pid = handle.pid
             return closed
-        status = self._zygote.exit_status(handle.pid, 1.0)
+        status = handle.origin.exit_status(handle.pid, 1.0)
         death = classify_exit(status, killed_by_us=handle.kill_reason)
         crashed = unexpected or not handle.kill_reason
         self.discard(handle, death.cause, expected=not crashed)
@@ -396,7 +395,7 @@ class Pool:
 
     def _wall_timeout(self, handle: WorkerHandle) -> TimeoutError:
         handle.kill("killed by the watchdog past the wall-clock deadline")
-        self._zygote.exit_status(handle.pid, 1.0)
+        handle.origin.exit_status(handle.pid, 1.0)
         self.discard(handle, "wall timeout", expected=True)
         error = TimeoutError("the run exceeded its wall-clock timeout", kind="wall")
         error.worker_pid = handle.pid
@@ -438,39 +437,33 @@ class Pool:
             if delay:
                 time.sleep(delay)
             self._spawn_one()
+        # Watch every live worker's pidfd (readable once the process exits). Runs never touch
+        # pidfds, so this never races a run's IO, and it wakes only for deaths and pokes.
         with self._lock:
-            idle = list(self._idle)
+            watched = {h.pidfd: h for h in self._handles.values() if not h.exited}
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
-        for handle in idle:
-            poller.register(handle.fileno(), select.POLLIN)
-        events = poller.poll(500)
-        for fd, _ in events:
+        for fd in watched:
+            poller.register(fd, select.POLLIN)
+        for fd, _ in poller.poll(1000):
             if fd == self._wake_r:
                 with contextlib.suppress(BlockingIOError, OSError):
                     os.read(self._wake_r, 4096)
-                continue
-            self._check_idle(next((h for h in idle if h.fileno() == fd), None))
+            elif fd in watched:
+                self._exited(watched[fd])
         self._reap_idle()
 
-    def _check_idle(self, handle: WorkerHandle | None) -> None:
-        """An idle channel became readable: the worker died (or misbehaved) while idle."""
-        if handle is None:
-            return
+    def _exited(self, handle: WorkerHandle) -> None:
+        """A worker's process is gone: if it was idle, classify and replace it now; a busy one
+        is handled by its run, which sees the channel close."""
         with self._lock:
+            if self._handles.get(handle.pid) is not handle:
+                return
+            handle.exited = True
             if handle not in self._idle:
                 return
             self._idle.remove(handle)
             handle.state = "stopping"
-        try:
-            data = handle.sock.recv(1)
-        except BlockingIOError:
-            self._offer(handle)
-            return
-        except OSError:
-            data = b""
-        if data:
-            handle.kill("protocol violation: it sent data while idle")
         self.crash_error(handle, "while idle", unexpected=True)
 
     def _reap_idle(self) -> None:
@@ -495,7 +488,8 @@ class Pool:
                 self._zygote.stop(1.0)
                 self._zygote = ZygoteClient()
                 self._zygote.start()
-            handle = WorkerHandle(self._zygote.spawn(), jittered_max_runs(self.config.max_runs))
+            handle = WorkerHandle(self._zygote.spawn(), jittered_max_runs(self.config.max_runs),
+                                  self._zygote)
             frame = handle.recv(time.monotonic() + self.config.start_timeout)
             if frame is None or frame.type is not MsgType.READY:
                 raise IsoBoxError("worker did not become READY")
@@ -514,6 +508,7 @@ class Pool:
             self._ready.notify_all()
         self._emit("worker:started", {"pid": handle.pid})
         self._offer(handle)
+        self._poke()  # watch the new worker's pidfd
 
     # -- figures ---------------------------------------------------------------------------
     def snapshot(self) -> tuple[list[dict[str, Any]], int]:

@@ -58,7 +58,7 @@ def test_bad_frame_kills_and_reports(box: IsoBox, kind: str) -> None:
     proc, spawned = _fake_worker(GARBAGE[kind])
     pool = box._pool
     assert pool is not None
-    handle = WorkerHandle(spawned, None)
+    handle = WorkerHandle(spawned, None, pool._zygote)
     with pool._lock:
         pool._handles[handle.pid] = handle
     pool._offer(handle)

@@ -76,4 +76,7 @@ def test_killed_fork_server_takes_its_workers_and_is_replaced() -> None:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
         assert box._pool._zygote.pid != server
-        assert not set(old) & {w.pid for w in box.pool_stats().workers}
+        deadline = time.monotonic() + 5  # the maintainer drops the dead handles on its own
+        while set(old) & {w.pid for w in box.pool_stats().workers}:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
