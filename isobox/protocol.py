@@ -126,7 +126,7 @@ class FrameDecoder:
         """Bytes received but not yet part of a whole frame."""
         return len(self._buffer)
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: bytes | memoryview) -> list[Frame]:
         """Add received bytes; return the frames completed by them, in order."""
         if self._dead is not None:
             raise ProtocolError(f"decoder is dead: {self._dead}")

@@ -30,7 +30,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,7 +39,10 @@ __all__ = ["decode", "encode"]
 
 _TAG = "$isobox"
 _SAFE = 2**53
-_LONG_INT = re.compile(r"\d{16,}")
+# Any run of 16 digits might be an int beyond 2**53; mapping digits to "9" and searching with
+# str.find is ~15x faster than a regex over a large payload (false hits only cost the slow path).
+_DIGITS = str.maketrans("012345678", "999999999")
+_SIXTEEN_DIGITS = "9" * 16
 
 
 def encode(value: Any, *, what: str = "sandbox", limit: int | None = None) -> tuple[str, bool]:
@@ -55,7 +57,7 @@ def encode(value: Any, *, what: str = "sandbox", limit: int | None = None) -> tu
     except (ValueError, TypeError):
         text = None
     tagged = True
-    if text is not None and _TAG not in text and not _LONG_INT.search(text):
+    if text is not None and _TAG not in text and _SIXTEEN_DIGITS not in text.translate(_DIGITS):
         tagged = False
     else:
         prepared = _prepare(value, what, set())

