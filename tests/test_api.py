@@ -246,3 +246,27 @@ def test_max_runs_recycles_workers() -> None:
     assert len(pids) >= 2
     assert recycled
     assert recycled[0]["reason"] == "max_runs reached"
+
+
+def test_idle_timeout_reaps_workers_above_min() -> None:
+    """Workers idle past idle_timeout are retired down to min, with a worker:recycled event."""
+    import threading
+    recycled: list[dict[str, Any]] = []
+    started: list[dict[str, Any]] = []
+    with IsoBox(pool={"min": 1, "max": 2, "idle_timeout": 0.3}) as b:
+        b.on("worker:recycled", recycled.append)
+        b.on("worker:started", started.append)
+        b.warmup_pool()
+        slow = "let t = Date.now(); while (Date.now() - t < 300) {} 1"
+        threads = [threading.Thread(target=b.run, args=(slow,)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert started, "a second worker should have been started for the second run"
+        deadline = time.monotonic() + 10
+        while not any(r["reason"] == "idle timeout" for r in recycled):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert len(b.pool_stats().workers) == 1
+        assert b.run("1") == 1
