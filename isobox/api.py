@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 import threading
 import time
@@ -49,6 +50,8 @@ from isobox.results import (
 from isobox.supervisor.pool import Pool
 
 __all__ = ["AsyncIsoBox", "IsoBox"]
+
+log = logging.getLogger("isobox")
 
 _MODES = ("process", "inprocess")
 
@@ -134,7 +137,10 @@ class _BoxCore:
                     stream = sys.stderr if kind in ("warn", "error", "trace") else sys.stdout
                     print(message, file=stream)
                 elif opts.on_output is not None:
-                    opts.on_output(kind, message)
+                    try:
+                        opts.on_output(kind, message)
+                    except Exception:
+                        log.exception("isobox on_output handler raised")
 
         return sink
 

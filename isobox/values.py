@@ -7,7 +7,7 @@ None                        null (``undefined`` also comes back    None
                             as None)
 bool, str                   boolean, string (lone surrogates and   the same
                             NUL characters survive)
-int, |i| <= 2**53           number                                 int (integral numbers)
+int, |i| <= 2**53           number                                 int (float past 2**53)
 int beyond 2**53            BigInt                                 int (every BigInt)
 float, NaN, +-Infinity      number                                 float (or int if integral)
 bytes, bytearray,           Uint8Array (any typed array, DataView  bytes
@@ -133,8 +133,16 @@ def _revive(obj: dict[str, Any]) -> Any:
     return obj
 
 
+def _parse_int(digits: str) -> int | float:
+    """A JSON integer from the sandbox is a JS number (BigInts are tagged): past 2**53 it is a
+    double printed in shortest form, so its digits are not its exact value; keep it a float."""
+    value = int(digits)
+    return value if -_SAFE <= value <= _SAFE else float(digits)
+
+
 def decode(text: str) -> Any:
     """Decode tagged JSON text produced by the sandbox (or by :func:`encode`)."""
-    if _TAG in text:
-        return json.loads(text, object_hook=_revive)
-    return json.loads(text)
+    hook = _revive if _TAG in text else None
+    if _SIXTEEN_DIGITS in text.translate(_DIGITS):
+        return json.loads(text, object_hook=hook, parse_int=_parse_int)
+    return json.loads(text, object_hook=hook)

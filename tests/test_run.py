@@ -286,3 +286,11 @@ def test_long_concatenated_results(box: IsoBox, size: int) -> None:
     with pytest.raises(isobox.ScriptError) as info:
         box.run(f"throw new Error('m'.repeat(500) + 'n'.repeat({size} % 60000))")
     assert info.value.message.startswith("m" * 500)
+
+
+def test_failing_on_output_handler_does_not_break_the_run(box: IsoBox) -> None:
+    """An on_output handler that raises is logged; the run still returns its value."""
+    def bad(kind: str, message: str) -> None:
+        raise RuntimeError("handler bug")
+    assert box.execute("console.log('x'); 5", on_output=bad).value == 5
+    assert box.run("1") == 1
