@@ -107,7 +107,7 @@
     const lines = str(r.stack, 'split', ['\n']);
     const m = ap(K.reExec, /^\s*at <input>:(\d+):(\d+)$/, [lines[0] || '']);
     if (m && lines.length >= 3 && str(lines[1], 'indexOf', ['at eval (native)']) >= 0
-        && test(/at (isoboxEntry|failed|validate) /, lines[2])) {
+        && test(/at (isobox|failed|validate) /, lines[2])) {
       r.compile = true;
       r.line = +m[1];
       r.column = r.line === 1 ? +m[2] - colShift : +m[2];

@@ -26,10 +26,11 @@ import _quickjs
 __all__ = ["Engine", "RunOutcome", "RunSpec"]
 
 _PRELUDE = resources.files(__package__).joinpath("prelude.js").read_text(encoding="utf-8")
-_LIBRARIES = json.dumps([
-    resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
-    for name in ("hot.js", "cold.js")
-])
+# Library sources are handed over as plain strings (ASCII, so the binding copies them intact).
+_HOT = resources.files(__package__).joinpath("hot.js").read_text(encoding="utf-8")
+_COLD = resources.files(__package__).joinpath("cold.js").read_text(encoding="utf-8")
+if not (_PRELUDE.isascii() and _HOT.isascii() and _COLD.isascii()):
+    raise RuntimeError("the JS prelude and libraries must be ASCII")
 _MIN_CALL_BUDGET = 0.001
 _MAX_JOBS = 10_000_000  # a backstop: the CPU budget ends job floods long before this
 _CONSOLE_EVERY = 0.01  # seconds between console flushes while the promise queue drains
@@ -101,7 +102,8 @@ class Engine:
         if self._ready is None:
             ctx = _quickjs.Context()
             fn = ctx.eval(_PRELUDE)
-            fn("src", _LIBRARIES)
+            fn("hot", _HOT)
+            fn("cold", _COLD)
             self._ready = (ctx, fn)
 
     def run(self, spec: RunSpec, on_output: OutputSink | None = None) -> RunOutcome:
@@ -205,7 +207,7 @@ def _split_finish(text: str) -> RunOutcome:
     return RunOutcome(kind, payload, console)
 
 
-_TRUSTED_FRAMES = ("at isoboxEntry ", "at isobox (", "at failed ", "at settle ")
+_TRUSTED_FRAMES = ("at isobox (", "at failed ", "at settle ")
 
 
 def clean_stack(stack: str) -> str:
