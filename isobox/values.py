@@ -12,7 +12,8 @@ int beyond 2**53            BigInt                                 int (every Bi
 float, NaN, +-Infinity      number                                 float (or int if integral)
 bytes, bytearray,           Uint8Array (any typed array, DataView  bytes
 memoryview                  or ArrayBuffer comes back as bytes)
-datetime (naive = UTC)      Date                                   aware datetime in UTC
+datetime (naive = UTC;      Date                                   aware datetime in UTC
+microseconds truncated)
 list, tuple                 Array                                  list
 dict with str keys          plain object                           dict
 --                          Map / Set                              dict / list
@@ -30,7 +31,7 @@ from __future__ import annotations
 import base64
 import json
 import math
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from isobox.errors import SerializationError
@@ -39,6 +40,8 @@ __all__ = ["decode", "encode"]
 
 _TAG = "$isobox"
 _SAFE = 2**53
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
 # Any run of 16 digits might be an int beyond 2**53; mapping digits to "9" and searching with
 # str.find is ~15x faster than a regex over a large payload (false hits only cost the slow path).
 _DIGITS = str.maketrans("012345678", "999999999")
@@ -85,7 +88,7 @@ def _prepare(value: Any, path: str, active: set[int]) -> Any:
         return {_TAG: "bytes", "v": base64.b64encode(bytes(value)).decode("ascii")}
     if isinstance(value, datetime):
         aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-        return {_TAG: "date", "v": aware.timestamp() * 1000}
+        return {_TAG: "date", "v": (aware - _EPOCH) // _MS}  # exact; JS Dates hold whole ms
     if isinstance(value, (list, tuple, dict)):
         if id(value) in active:
             raise SerializationError(f"{path} is a cyclic reference", path=path)
@@ -123,7 +126,13 @@ def _revive(obj: dict[str, Any]) -> Any:
     if kind == "big":
         return int(raw)
     if kind == "date":
-        return datetime.fromtimestamp(raw / 1000, tz=UTC)
+        if not isinstance(raw, (int, float)) or not math.isfinite(raw):
+            raise SerializationError("an Invalid Date cannot cross the boundary", path="result")
+        try:
+            return _EPOCH + timedelta(milliseconds=raw)
+        except OverflowError:
+            raise SerializationError(f"Date {raw} ms is outside Python's datetime range",
+                                     path="result") from None
     if kind == "bytes":
         return base64.b64decode(raw)
     if kind == "u":

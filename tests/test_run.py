@@ -294,3 +294,20 @@ def test_failing_on_output_handler_does_not_break_the_run(box: IsoBox) -> None:
         raise RuntimeError("handler bug")
     assert box.execute("console.log('x'); 5", on_output=bad).value == 5
     assert box.run("1") == 1
+
+
+def test_dates_are_exact_to_the_millisecond(box: IsoBox) -> None:
+    """Dates before 1970 and far ahead keep their exact millisecond; sub-ms is truncated."""
+    for value in (datetime(1901, 1, 1, 0, 0, 0, 4000, tzinfo=UTC),
+                  datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)):
+        assert box.run("v", sandbox={"v": value}) == value
+    assert box.run("v", sandbox={"v": datetime(2000, 1, 1, 0, 0, 0, 1999, tzinfo=UTC)}) == \
+        datetime(2000, 1, 1, 0, 0, 0, 1000, tzinfo=UTC)
+
+
+def test_dates_python_cannot_hold_are_serialization_errors(box: IsoBox) -> None:
+    """An Invalid Date, or one past year 9999, raises SerializationError."""
+    with pytest.raises(isobox.SerializationError, match="Invalid Date"):
+        box.run("new Date(NaN)")
+    with pytest.raises(isobox.SerializationError, match="outside"):
+        box.run("new Date(8.64e15)")

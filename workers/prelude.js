@@ -35,8 +35,12 @@
   // Concatenations are ropes, which the binding cannot hand to Python: flatten long answers.
   return function isobox(op, a) {
     switch (op) {
-      case 'start': {
-        const code = JP(a);
+      case 'setup': case 'run': {
+        const cfg = JP(a);
+        S.lim = cfg.limits; S.mode = cfg.console;
+        if (cfg.globals !== null || cfg.env !== null) H().setup(cfg);
+        if (op === 'setup') return 'ok';
+        const code = cfg.code;
         try { return S.settle(ev(code)); } catch (e) {
           if (oom(e)) { S.st = { ok: false, error: e }; return 'D'; }
           return H().failed(e, code);
@@ -53,12 +57,6 @@
         }
         if (st !== null && !st.ok && oom(st.error)) return 'M2:[]{}';
         return ap(slice, H().finish(), [0]);
-      }
-      case 'setup': {
-        const cfg = JP(a);
-        S.lim = cfg.limits; S.mode = cfg.console;
-        if (cfg.globals !== null || cfg.env !== null) H().setup(cfg);
-        return 'ok';
       }
       case 'hot': S.hotSrc = a; return 'ok';
       case 'cold': S.coldSrc = a; return 'ok';
