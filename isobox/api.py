@@ -15,6 +15,7 @@ classes are thin shells that differ only in how they wait. Many threads may shar
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import sys
@@ -236,10 +237,9 @@ class _BoxCore:
         from isobox.workers.engine import RunSpec  # noqa: PLC0415 - only in-process mode needs it
         from isobox.workers.worker import reply_body  # noqa: PLC0415
 
-        spec = RunSpec(**{k: v for k, v in request.body.items()
-                          if k in RunSpec.__dataclass_fields__})
-        spec = RunSpec(**{**{f: getattr(spec, f) for f in RunSpec.__dataclass_fields__},
-                          "cpu_timeout": min(spec.cpu_timeout, request.options.timeout)})
+        spec = RunSpec.from_body(request.body)
+        # No watchdog here: the CPU budget is the only bound, so it never exceeds the timeout.
+        spec = dataclasses.replace(spec, cpu_timeout=min(spec.cpu_timeout, request.options.timeout))
         engine = self._engine()
         outcome = engine.run(spec, sink)
         if outcome.retire:

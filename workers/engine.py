@@ -53,6 +53,11 @@ class RunSpec:
     max_error: int = 64 * 2**10
     validate: bool = False  # only parse the code; the outcome is R (valid) or C
 
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> RunSpec:
+        """The spec of a RUN frame body (unknown keys are ignored; a bad type raises)."""
+        return cls(**{k: v for k, v in body.items() if k in _SPEC_FIELDS})
+
 
 @dataclass(slots=True)
 class RunOutcome:
@@ -68,6 +73,7 @@ class RunOutcome:
     retire: bool = False
 
 
+_SPEC_FIELDS = frozenset(RunSpec.__dataclass_fields__)
 OutputSink = Callable[[list[tuple[str, str]]], None]
 
 

@@ -23,13 +23,6 @@ from isobox.workers.engine import Engine, RunOutcome, RunSpec
 __all__ = ["serve"]
 
 EXIT_PROTOCOL = 3
-_SPEC_FIELDS = frozenset(RunSpec.__dataclass_fields__)
-
-
-def _spec_from(body: dict[str, Any]) -> RunSpec:
-    return RunSpec(**{k: v for k, v in body.items() if k in _SPEC_FIELDS})
-
-
 def reply_body(outcome: RunOutcome) -> dict[str, Any]:
     return {
         "kind": outcome.kind,
@@ -69,7 +62,7 @@ def serve(sock: socket.socket, engine: Engine) -> int:
                 sock.sendall(encode_frame(MsgType.OUTPUT, rid, {"console": lines}))
 
             try:
-                spec = _spec_from(frame.body)
+                spec = RunSpec.from_body(frame.body)
             except TypeError:
                 return EXIT_PROTOCOL
             outcome = engine.run(spec, send_output)
