@@ -48,6 +48,7 @@ class WorkerHandle:
         self.exited = False  # set by the maintainer once the pidfd reports the process gone
         self._frames: deque[Frame] = deque()
         self._buf = bytearray(_RECV)
+        self._pollers: dict[int, select.poll] = {}
         self._view = memoryview(self._buf)
         self._closed = False
 
@@ -79,8 +80,10 @@ class WorkerHandle:
         return self._frames.popleft()
 
     def _wait(self, events: int, deadline: float) -> bool:
-        poller = select.poll()
-        poller.register(self.sock, events)
+        poller = self._pollers.get(events)
+        if poller is None:
+            poller = self._pollers[events] = select.poll()
+            poller.register(self.sock, events)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:

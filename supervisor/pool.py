@@ -165,7 +165,10 @@ class Pool:
         return self._closed
 
     # -- acquire and release ---------------------------------------------------------------
-    def _take_or_wait(self, waiter: _Waiter) -> WorkerHandle | None:
+    def _take_or_wait(
+        self, loop: asyncio.AbstractEventLoop | None = None
+    ) -> WorkerHandle | _Waiter:
+        """An idle worker at once, or a new waiter queued FIFO (built only when needed)."""
         with self._lock:
             if self._closed:
                 raise ClosedError("the box was shut down")
@@ -181,9 +184,10 @@ class Pool:
                     "workers keep crashing (crash-loop breaker open); not respawning for now",
                     cause="crash loop",
                 )
+            waiter = _Waiter(loop)
             self._waiters.append(waiter)
         self._poke()
-        return None
+        return waiter
 
     def _abandon(self, waiter: _Waiter) -> WorkerHandle | None:
         """The waiter gave up; returns a handle that was delivered meanwhile, if any."""
@@ -195,19 +199,17 @@ class Pool:
 
     def acquire(self, deadline: float) -> WorkerHandle:
         """An idle worker for this thread, waiting FIFO until ``deadline``."""
-        waiter = _Waiter()
-        handle = self._take_or_wait(waiter)
-        if handle is not None:
-            return handle
+        waiter = self._take_or_wait()
+        if isinstance(waiter, WorkerHandle):
+            return waiter
         waiter.event.wait(max(0.0, deadline - time.monotonic()))
         return self._after_wait(waiter)
 
     async def acquire_async(self, deadline: float) -> WorkerHandle:
         """An idle worker for this task, waiting FIFO until ``deadline``."""
-        waiter = _Waiter(asyncio.get_running_loop())
-        handle = self._take_or_wait(waiter)
-        if handle is not None:
-            return handle
+        waiter = self._take_or_wait(asyncio.get_running_loop())
+        if isinstance(waiter, WorkerHandle):
+            return waiter
         if waiter.future is None:
             raise RuntimeError("async waiter without a future")
         try:

@@ -205,7 +205,8 @@ def _split_finish(text: str) -> RunOutcome:
     payload = text[colon + 1 + length :]
     if console_json == '"overflow"':
         return RunOutcome("X", "{}", retire=False)
-    console = [(str(k), str(m)) for k, m in json.loads(console_json)]
+    console = ([] if console_json == "[]"
+               else [(str(k), str(m)) for k, m in json.loads(console_json)])
     if kind == "M":
         return RunOutcome("M", "{}", console, retire=True)
     if kind in "EC":
