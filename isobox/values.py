@@ -29,6 +29,7 @@ fast path (no specials) costs one ``json.dumps``.
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import math
 from datetime import UTC, datetime, timedelta
@@ -120,7 +121,14 @@ def _revive(obj: dict[str, Any]) -> Any:
     kind = obj.get(_TAG)
     if kind is None or len(obj) != 2 or "v" not in obj:
         return obj
-    raw = obj["v"]
+    try:
+        return _revive_tag(kind, obj["v"], obj)
+    except (ValueError, TypeError, binascii.Error) as exc:
+        raise SerializationError(f"malformed {kind!r} value from the sandbox: {exc}",
+                                 path="result") from None
+
+
+def _revive_tag(kind: Any, raw: Any, obj: dict[str, Any]) -> Any:
     if kind == "num":
         return float(raw)
     if kind == "big":

@@ -19,7 +19,17 @@
   const T = '$isobox';
   const str = (s, m, a) => ap(K[m], s, a);
   const test = (re, s) => ap(K.reExec, re, [s]) !== null;
-  class Unserializable { constructor(what) { this.what = what; } }
+  class Unserializable { #b; constructor(what) { this.what = what; } static is(o) { return typeof o === 'object' && o !== null && #b in o; } }
+  // Thrown values are untrusted: never instanceof (Proxy traps, Symbol.hasInstance); walk the
+  // prototype chain with the captured getPrototypeOf, and treat any trap that throws as "no".
+  function isA(e, C) {
+    if (typeof e !== 'object' || e === null) return false;
+    try {
+      for (let p = S.gp(e), i = 0; p !== null && i < 64; p = S.gp(p), i++) if (p === C.prototype) return true;
+    } catch (_) { /* a hostile trap: not one of ours */ }
+    return false;
+  }
+  const safeGet = (o, k) => { try { return o[k]; } catch (_) { return undefined; } };
   function bytesOf(v) { return v instanceof AB ? new K.U8(v) : new K.U8(v.buffer, v.byteOffset, v.byteLength); }
   function rep(v) {
     // The prelude's replacer handles plain values; everything else comes here.
@@ -28,7 +38,10 @@
       case 'bigint': return new Tag('big', ap(K.bigStr, v, []));
       case 'object':
         if (isView(v) || v instanceof AB) return new Tag('bytes', ap(K.b64, bytesOf(v), []));
-        if (v instanceof K.M) return fromEntries(K.aFrom(ap(K.mapEntries, v, [])));
+        if (v instanceof K.M) {
+          const o = fromEntries(K.aFrom(ap(K.mapEntries, v, [])));
+          return hasOwn(o, T) ? new Tag('obj', entries(o)) : o;
+        }
         if (v instanceof K.S) return K.aFrom(ap(K.setValues, v, []));
         if (hasOwn(v, T)) return new Tag('obj', entries(v));
         return v;
@@ -64,10 +77,11 @@
     return walk(root, 'result') || 'result cannot be serialized';
   }
   function encodeFailure(e, v) {
-    if (e instanceof Unserializable || (e instanceof K.TypeErr && test(/circular/, e.message))) {
-      return ['S', JS({ message: describePath(v) })];
+    const msg = safeGet(e, 'message');
+    if (Unserializable.is(e) || (isA(e, K.TypeErr) && typeof msg === 'string' && test(/circular/, msg))) {
+      return ['S', JS({ message: clip(describePath(v), lim.error) })];
     }
-    if (e instanceof K.RangeErr) return ['S', JS({ message: 'result is too deeply nested to serialize' })];
+    if (isA(e, K.RangeErr)) return ['S', JS({ message: 'result is too deeply nested to serialize' })];
     const r = record(e);
     r.message = 'while converting the result: ' + r.message;
     return ['E', JS(r)];
@@ -81,7 +95,7 @@
     try {
       if (typeof v === 'string') return v;
       if (typeof v === 'symbol' || typeof v === 'function') return K.Str(v);
-      if (typeof v === 'object' && v !== null && !(v instanceof K.Err)) {
+      if (typeof v === 'object' && v !== null && !isA(v, K.Err)) {
         const s = K.enc(v);
         if (typeof s === 'string') return s;
       }
@@ -92,7 +106,7 @@
   }
   function record(e) {
     let name = '', message, stack = '';
-    if (e instanceof K.Err) {
+    if (isA(e, K.Err)) {
       try { name = typeof e.name === 'string' ? e.name : 'Error'; } catch (_) { name = 'Error'; }
       try { message = typeof e.message === 'string' ? e.message : fmt(e.message); } catch (_) { message = '[unprintable message]'; }
       try { stack = typeof e.stack === 'string' ? e.stack : ''; } catch (_) { stack = ''; }
@@ -107,7 +121,7 @@
     const lines = str(r.stack, 'split', ['\n']);
     const m = ap(K.reExec, /^\s*at <input>:(\d+):(\d+)$/, [lines[0] || '']);
     if (m && lines.length >= 3 && str(lines[1], 'indexOf', ['at eval (native)']) >= 0
-        && test(/at (isobox|failed|validate) /, lines[2])) {
+        && test(/at (dispatch|failed|validate) /, lines[2])) {
       r.compile = true;
       r.line = +m[1];
       r.column = r.line === 1 ? +m[2] - colShift : +m[2];
@@ -141,7 +155,7 @@
     const settle = S.settle, set = (st) => { S.st = st; };
     // The first evaluation threw: a runtime error, a compile error, or top-level await.
     const r = compileRecord(e, 0);
-    if (!r.compile || !(e instanceof K.SynErr) || str(code, 'indexOf', ['await']) < 0) {
+    if (!r.compile || !isA(e, K.SynErr) || str(code, 'indexOf', ['await']) < 0) {
       set({ ok: false, error: e, record: r });
       return 'D';
     }
@@ -191,7 +205,7 @@
     try {
       K.ev('throw 0;' + code);
     } catch (e) {
-      if (!(e instanceof K.SynErr)) return '';
+      if (!isA(e, K.SynErr)) return '';
       const r = compileRecord(e, 8);
       if (!r.compile) return '';
       if (str(code, 'indexOf', ['await']) < 0) return JS(r);

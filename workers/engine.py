@@ -162,10 +162,11 @@ class Engine:
             error = self._call(ctx, fn, budget, "validate", code)
             return RunOutcome("C", error) if error else RunOutcome("R", "null\nnull")
         # One call sets the globals up and evaluates the code: one crossing fewer per run.
-        status = self._call(ctx, fn, budget, "run", request)
-        if status == "P":
-            self._drain_jobs(ctx, fn, budget, on_output)
-        return _parse_finish(self._call(ctx, fn, budget, "finish"))
+        self._call(ctx, fn, budget, "run", request)
+        # Drained even when the completion value is not a promise: `p.then(...)` reactions and
+        # their output belong to the run (it returns at once on an empty queue).
+        self._drain_jobs(ctx, fn, budget, on_output)
+        return _parse_finish(self._call(ctx, fn, budget, "finish"), spec)
 
     def _drain_jobs(
         self, ctx: Any, fn: Any, budget: _Budget, on_output: OutputSink | None
@@ -186,37 +187,53 @@ class Engine:
         raise _CpuExhausted
 
 
-def _parse_finish(text: str) -> RunOutcome:
+def _parse_finish(text: str, spec: RunSpec) -> RunOutcome:
     """Split the prelude's answer; a script that sabotaged the built-ins it relies on gets a
-    plain error for its own run, never a crashed worker."""
+    plain error for its own run, never a crashed worker. The size caps are enforced here again:
+    the JS side's checks run among user code (a user ``toJSON`` can inflate what it serialises)."""
     try:
-        return _split_finish(text)
+        return _split_finish(text, spec)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError):
         record = {"name": "Error", "stack": "",
                   "message": "the result could not be converted (were built-ins replaced?)"}
         return RunOutcome("E", json.dumps(record), retire=True)
 
 
-def _split_finish(text: str) -> RunOutcome:
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "... [truncated]"
+
+
+def _split_finish(text: str, spec: RunSpec) -> RunOutcome:
     kind = text[0]
     colon = text.index(":")
     length = int(text[1:colon])
     console_json = text[colon + 1 : colon + 1 + length]
     payload = text[colon + 1 + length :]
-    if console_json == '"overflow"':
+    if console_json == '"overflow"' or length > spec.max_console * 6 + 4096:
         return RunOutcome("X", "{}", retire=False)
     console = ([] if console_json == "[]"
                else [(str(k), str(m)) for k, m in json.loads(console_json)])
+    if sum(len(m) for _, m in console) > spec.max_console:
+        return RunOutcome("X", "{}", retire=False)
     if kind == "M":
         return RunOutcome("M", "{}", console, retire=True)
-    if kind in "EC":
+    if kind == "R" and len(payload) > spec.max_result + 64:
+        message = f"result of {len(payload)} bytes exceeds the cap of {spec.max_result} bytes"
+        return RunOutcome("S", json.dumps({"message": message}), console)
+    if kind in "ECS":
         record = json.loads(payload)
-        record["stack"] = clean_stack(str(record.get("stack", "")))
+        for key in ("name", "message", "stack"):
+            if key in record:
+                record[key] = _clip(str(record[key]), 200 if key == "name" else spec.max_error)
+        if "stack" in record:
+            record["stack"] = clean_stack(record["stack"])
         payload = json.dumps(record)
+        if record.get("name") == "IsoBoxInternal":
+            return RunOutcome("E", payload, console, retire=True)
     return RunOutcome(kind, payload, console)
 
 
-_TRUSTED_FRAMES = ("at isobox (", "at failed ", "at settle ")
+_TRUSTED_FRAMES = ("at dispatch (", "at isobox (", "at failed ", "at settle ")
 
 
 def clean_stack(stack: str) -> str:

@@ -8,13 +8,17 @@
   'use strict';
   const G = globalThis, ev = G.eval, JS = JSON.stringify, JP = JSON.parse, ap = Reflect.apply;
   const P = Promise, then = P.prototype.then, dp = Object.defineProperty, slice = String.prototype.slice;
-  const IE = InternalError;
+  const IEP = InternalError.prototype, gp = Object.getPrototypeOf;
   const S = { st: null, mode: 'redirect', con: [], n: 0, over: false, lim: null, hotSrc: '',
-    coldSrc: '', hot: null, cold: null, G, ev, JS, JP, ap, P, dp };
+    coldSrc: '', hot: null, cold: null, G, ev, JS, JP, ap, P, dp, gp };
   const H = () => S.hot || (S.hot = ev(S.hotSrc)(S));
   // QuickJS throws InternalError("out of memory"), or null when it cannot even allocate that;
   // caught here, before any library would have to be parsed in an exhausted heap.
-  const oom = (e) => e === null || (e instanceof IE && e.message === 'out of memory');
+  // No instanceof on thrown values: a Proxy trap or Symbol.hasInstance would run user code here.
+  const oom = (e) => {
+    if (e === null) return true;
+    try { return typeof e === 'object' && gp(e) === IEP && e.message === 'out of memory'; } catch (_) { return false; }
+  };
   const c = {};
   for (const k of ['log', 'info', 'warn', 'error', 'debug', 'trace']) {
     c[k] = (...a) => {
@@ -32,8 +36,14 @@
     ap(then, v, [(x) => { S.st = { ok: true, value: x }; }, (e) => { S.st = { ok: false, error: e }; }]);
     return 'P';
   };
+  // If anything the user controls throws past the handlers below, the answer is this constant:
+  // no thrown value ever reaches the binding, which would convert it outside the time limit.
+  const FAIL = 'E2:[]{"name":"IsoBoxInternal","message":"the sandbox could not report the outcome of this run (hostile values or replaced built-ins)","stack":""}';
   // Concatenations are ropes, which the binding cannot hand to Python: flatten long answers.
   return function isobox(op, a) {
+    try { return dispatch(op, a); } catch (_) { return FAIL; }
+  };
+  function dispatch(op, a) {
     switch (op) {
       case 'setup': case 'run': {
         const cfg = JP(a);
@@ -62,5 +72,5 @@
       case 'cold': S.coldSrc = a; return 'ok';
       default: return ap(slice, H().op(op, a), [0]);
     }
-  };
+  }
 })()
