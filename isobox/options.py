@@ -20,6 +20,7 @@ from isobox.supervisor.pool import PoolConfig
 __all__ = ["BoxOptions", "RunRequest", "pool_config"]
 
 MIB = 2**20
+MAX_VALUE = 32 * MIB  # caps count characters; what overflows the 96 MiB frame as UTF-8 is refused
 MIN_MEMORY = 1 * MIB  # a QuickJS context needs about 130 KiB before any user code
 MAX_STACK = 4 * MIB  # workers run JS on the main thread, whose C stack is 8 MiB
 MIN_STACK = 32 * 2**10
@@ -87,8 +88,10 @@ class BoxOptions:
             raise ValueError(f"console must be one of {CONSOLE_MODES}, got {self.console!r}")
         if self.on_output is not None and not callable(self.on_output):
             raise TypeError("on_output must be callable(kind, message)")
-        for name in ("max_input_size", "max_result_size", "max_console_size", "max_error_size"):
-            _size(name, getattr(self, name), 64)
+        for name in ("max_input_size", "max_result_size"):
+            _size(name, getattr(self, name), 64, MAX_VALUE)
+        for name in ("max_console_size", "max_error_size"):
+            _size(name, getattr(self, name), 64, MAX_VALUE)
 
     @property
     def effective_cpu_timeout(self) -> float:

@@ -96,7 +96,7 @@ class WorkerHandle:
             size = self.sock.recv_into(self._buf)
         except BlockingIOError:
             return
-        except ConnectionResetError as exc:
+        except OSError as exc:  # reset, or a socket closed under us at shutdown
             raise ChannelClosed(str(exc)) from exc
         if not size:
             raise ChannelClosed("EOF")

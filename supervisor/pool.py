@@ -31,7 +31,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from isobox.errors import ClosedError, IsoBoxError, TimeoutError, WorkerCrashedError, describe_death
+from isobox.errors import (
+    ClosedError,
+    IsoBoxError,
+    SerializationError,
+    TimeoutError,
+    WorkerCrashedError,
+    describe_death,
+)
 from isobox.protocol import Frame, MsgType, ProtocolError, encode_frame
 from isobox.supervisor import stats
 from isobox.supervisor.handle import ChannelClosed, WorkerHandle
@@ -95,6 +102,7 @@ class Pool:
         self._backoff = Backoff()
         self._breaker = CrashLoopBreaker()
         self._ready = threading.Condition(self._lock)
+        self._stopping = threading.Event()
         self.restarts = 0
         self._rids = itertools.count(1)
         self._thread = threading.Thread(target=self._maintain, name="isobox-pool", daemon=True)
@@ -125,26 +133,30 @@ class Pool:
             if self._closed:
                 return
             self._closed = True
+            for waiter in self._waiters:
+                waiter.error = ClosedError("the box was shut down")
             waiters = list(self._waiters)
             self._waiters.clear()
             handles = list(self._handles.values())
             idle = list(self._idle)
             self._idle.clear()
+        self._stopping.set()
         for waiter in waiters:
-            waiter.error = ClosedError("the box was shut down")
             waiter.wake()
         self._poke()
         for handle in idle:
             with contextlib.suppress(Exception):
                 handle.send(encode_frame(MsgType.SHUTDOWN, 0, {}), time.monotonic() + 0.1)
         self._escalate(handles, timeout)
-        self._zygote.stop(timeout)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-        for handle in handles:
+            # Bounded: the backoff sleep wakes on _stopping, a spawn gives up at start_timeout.
+            self._thread.join(timeout + self.config.start_timeout + 1.0)
+        self._zygote.stop(timeout)
+        for handle in idle:  # busy ones belong to their runs, which close them on the way out
             handle.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        if not self._thread.is_alive():  # never close fds a live maintainer might still poll
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     def _escalate(self, handles: list[WorkerHandle], timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -202,7 +214,13 @@ class Pool:
         waiter = self._take_or_wait()
         if isinstance(waiter, WorkerHandle):
             return waiter
-        waiter.event.wait(max(0.0, deadline - time.monotonic()))
+        try:
+            waiter.event.wait(max(0.0, deadline - time.monotonic()))
+        except BaseException:  # Ctrl-C or a signal handler raising: give back a late worker
+            late = self._abandon(waiter)
+            if late is not None:
+                self._offer(late)
+            raise
         return self._after_wait(waiter)
 
     async def acquire_async(self, deadline: float) -> WorkerHandle:
@@ -241,11 +259,13 @@ class Pool:
                 handle.state = "busy"
                 waiter.handle = handle
                 waiter.wake()
+                self._ready.notify_all()
                 return
             else:
                 handle.state = "idle"
                 handle.last_used = time.monotonic()
                 self._idle.append(handle)
+                self._ready.notify_all()
                 return
         self._stop_one(handle)
 
@@ -315,11 +335,13 @@ class Pool:
         (the wall-clock watchdog) and :class:`TimeoutError` is raised.
         """
         rid = next(self._rids)
-        frame = encode_frame(MsgType.RUN, rid, body)
+        frame = _request_frame(rid, body)
         for attempt in (1, 2):
             handle = self.acquire(deadline)
             try:
                 handle.send(frame, kill_at)
+            except builtins.TimeoutError:
+                raise self._wall_timeout(handle) from None
             except ChannelClosed:
                 # It died before it could read the request: nothing ran, so try another worker.
                 error = self.crash_error(handle, "before the run started")
@@ -358,11 +380,14 @@ class Pool:
                         on_output: OnOutput | None) -> tuple[dict[str, Any], int]:
         """The asyncio twin of :meth:`run`; cancelling it kills the worker it ran on."""
         rid = next(self._rids)
-        frame = encode_frame(MsgType.RUN, rid, body)
+        frame = _request_frame(rid, body)
         for attempt in (1, 2):
             handle = await self.acquire_async(deadline)
             try:
-                await handle.asend(frame)
+                async with asyncio.timeout_at(_loop_time(kill_at)):
+                    await handle.asend(frame)
+            except builtins.TimeoutError:
+                raise self._wall_timeout(handle) from None
             except ChannelClosed:
                 error = self.crash_error(handle, "before the run started")
                 if attempt == 2:
@@ -378,8 +403,7 @@ class Pool:
     async def _await_reply_async(self, handle: WorkerHandle, rid: int, kill_at: float,
                                  on_output: OnOutput | None) -> dict[str, Any]:
         try:
-            async with asyncio.timeout_at(asyncio.get_running_loop().time()
-                                          + max(0.0, kill_at - time.monotonic())):
+            async with asyncio.timeout_at(_loop_time(kill_at)):
                 while True:
                     reply = read_reply(await handle.arecv(), rid, on_output)
                     if reply is not None:
@@ -436,8 +460,8 @@ class Pool:
     def _maintain_once(self) -> None:
         while self._deficit() > 0 and not self._closed:
             delay = self._backoff.delay()
-            if delay:
-                time.sleep(delay)
+            if delay and self._stopping.wait(delay):
+                return
             self._spawn_one()
         # Watch every live worker's pidfd (readable once the process exits). Runs never touch
         # pidfds, so this never races a run's IO, and it wakes only for deaths and pokes.
@@ -486,12 +510,8 @@ class Pool:
             self._spawning += 1
         handle: WorkerHandle | None = None
         try:
-            if not self._zygote.alive:
-                self._zygote.stop(1.0)
-                self._zygote = ZygoteClient()
-                self._zygote.start()
-            handle = WorkerHandle(self._zygote.spawn(), jittered_max_runs(self.config.max_runs),
-                                  self._zygote)
+            zygote = self._current_zygote()
+            handle = WorkerHandle(zygote.spawn(), jittered_max_runs(self.config.max_runs), zygote)
             frame = handle.recv(time.monotonic() + self.config.start_timeout)
             if frame is None or frame.type is not MsgType.READY:
                 raise IsoBoxError("worker did not become READY")
@@ -506,11 +526,37 @@ class Pool:
             return
         with self._lock:
             self._spawning -= 1
-            self._handles[handle.pid] = handle
-            self._ready.notify_all()
+            closed = self._closed
+            if not closed:
+                self._handles[handle.pid] = handle
+                self._ready.notify_all()
+        if closed:  # shutdown began while it started: it never joins the pool
+            handle.kill("stopped at shutdown")
+            handle.close()
+            return
         self._emit("worker:started", {"pid": handle.pid})
         self._offer(handle)
         self._poke()  # watch the new worker's pidfd
+
+    def _current_zygote(self) -> ZygoteClient:
+        """The live fork server, restarting a dead one (never once shutdown has begun)."""
+        with self._lock:
+            if self._closed:
+                raise IsoBoxError("the box is shutting down")
+            zygote = self._zygote
+        if zygote.alive:
+            return zygote
+        zygote.stop(1.0)
+        fresh = ZygoteClient()
+        fresh.start()
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._zygote = fresh
+        if closed:
+            fresh.stop(1.0)
+            raise IsoBoxError("the box is shutting down")
+        return fresh
 
     # -- figures ---------------------------------------------------------------------------
     def snapshot(self) -> tuple[list[dict[str, Any]], int]:
@@ -525,6 +571,20 @@ class Pool:
                          "rss": sample.rss if sample else 0, "uss": sample.uss if sample else 0,
                          "cpu_percent": sample.cpu_percent if sample else 0.0})
         return rows, queued
+
+
+def _loop_time(monotonic_deadline: float) -> float:
+    """A ``time.monotonic`` deadline on the running event loop's clock."""
+    return asyncio.get_running_loop().time() + max(0.0, monotonic_deadline - time.monotonic())
+
+
+def _request_frame(rid: int, body: dict[str, Any]) -> bytes:
+    """The RUN frame; a request too large for the channel is the caller's SerializationError."""
+    try:
+        return encode_frame(MsgType.RUN, rid, body)
+    except ProtocolError as exc:
+        raise SerializationError(f"the request does not fit the channel: {exc}",
+                                 path="code") from None
 
 
 def read_reply(frame: Frame, request_id: int, on_output: OnOutput | None) -> dict[str, Any] | None:

@@ -55,6 +55,7 @@ class ZygoteClient:
         self._send_lock = threading.Lock()
         self._cond = threading.Condition()
         self._spawned: dict[int, tuple[int, int]] = {}
+        self._abandoned: set[int] = set()
         self._exits: OrderedDict[int, int] = OrderedDict()
         self._ids = itertools.count(1)
         self._reader: threading.Thread | None = None
@@ -83,10 +84,12 @@ class ZygoteClient:
             msg, _fds, _f, _a = socket.recv_fds(parent, 4096, 1)
             frames = FrameDecoder(max_frame=4096).feed(msg) if msg else []
         except (OSError, ProtocolError) as exc:
-            self._kill_proc()
+            parent.close()  # EOF tells the fork server to exit, so the reap below is quick
+            self._kill_proc(1.0)
             raise IsoBoxError(f"the fork server did not start: {exc}") from exc
         if not frames or frames[0].type is not MsgType.READY:
-            self._kill_proc()
+            parent.close()
+            self._kill_proc(1.0)
             raise IsoBoxError("the fork server did not start (no READY)")
         parent.settimeout(None)
         self._ctl = parent
@@ -118,6 +121,7 @@ class ZygoteClient:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self.alive:
                     ours.close()
+                    self._abandoned.add(rid)  # a late SPAWNED reply's pidfd gets closed
                     raise IsoBoxError("the fork server did not fork a worker in time")
                 self._cond.wait(left)
             pid, pidfd = self._spawned.pop(rid)
@@ -160,6 +164,10 @@ class ZygoteClient:
             return
         if kind is MsgType.SPAWNED and fds:
             with self._cond:
+                if rid in self._abandoned:
+                    self._abandoned.discard(rid)
+                    os.close(fds[0])  # nobody waits; the worker exits at its channel's EOF
+                    return
                 self._spawned[rid] = (pid, fds[0])
                 self._cond.notify_all()
         elif kind is MsgType.EXITED:
@@ -184,6 +192,10 @@ class ZygoteClient:
         self._kill_proc(timeout)
         if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(timeout)
+        with self._cond:
+            for _pid, pidfd in self._spawned.values():
+                os.close(pidfd)
+            self._spawned.clear()
 
     def _kill_proc(self, timeout: float = 5.0) -> None:
         proc = self._proc

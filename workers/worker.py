@@ -12,6 +12,7 @@ the supervisor. Timeouts are the supervisor's business: it SIGKILLs a worker pas
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from typing import Any
@@ -32,6 +33,17 @@ def reply_body(outcome: RunOutcome) -> dict[str, Any]:
         "memory": outcome.memory,
         "retire": outcome.retire,
     }
+
+
+def _result_frame(rid: int, outcome: RunOutcome) -> bytes:
+    """The RESULT frame; one too large for the channel becomes a serialization error."""
+    try:
+        return encode_frame(MsgType.RESULT, rid, reply_body(outcome))
+    except ProtocolError as exc:
+        message = f"the result does not fit the channel: {exc}"
+        small = RunOutcome("S", json.dumps({"message": message}), [], outcome.cpu_time,
+                           outcome.memory, outcome.retire)
+        return encode_frame(MsgType.RESULT, rid, reply_body(small))
 
 
 def serve(sock: socket.socket, engine: Engine) -> int:
@@ -66,7 +78,7 @@ def serve(sock: socket.socket, engine: Engine) -> int:
             except TypeError:
                 return EXIT_PROTOCOL
             outcome = engine.run(spec, send_output)
-            sock.sendall(encode_frame(MsgType.RESULT, rid, reply_body(outcome)))
+            sock.sendall(_result_frame(rid, outcome))
             if outcome.retire:
                 return 0
             # The reply's wakeup tends to put the caller on this CPU; step aside so it runs
