@@ -139,12 +139,13 @@ class ZygoteClient:
             return self._exits[pid]
 
     def _read_loop(self) -> None:
-        if self._ctl is None:
+        ctl = self._ctl  # stop() sets the attribute to None; the local keeps the socket object
+        if ctl is None:
             return
         decoder = FrameDecoder(max_frame=4096)
         try:
             while True:
-                msg, fds, _f, _a = socket.recv_fds(self._ctl, 4096, 1)
+                msg, fds, _f, _a = socket.recv_fds(ctl, 4096, 1)
                 if not msg:
                     break
                 for frame in decoder.feed(msg):
