@@ -365,11 +365,8 @@ class Pool:
                 reply = read_reply(frame, rid, on_output)
                 if reply is not None:
                     return reply
-        except ChannelClosed:
-            raise self.crash_error(handle, "during the run") from None
-        except ProtocolError as exc:
-            handle.kill(f"bad frame from the worker: {exc}")
-            raise self.crash_error(handle, "bad frame", unexpected=True) from None
+        except (ChannelClosed, ProtocolError) as exc:
+            raise self._lost(handle, exc) from None
         except (TimeoutError, WorkerCrashedError):
             raise
         except BaseException:
@@ -410,14 +407,18 @@ class Pool:
                         return reply
         except builtins.TimeoutError:
             raise self._wall_timeout(handle) from None
-        except ChannelClosed:
-            raise self.crash_error(handle, "during the run") from None
-        except ProtocolError as exc:
-            handle.kill(f"bad frame from the worker: {exc}")
-            raise self.crash_error(handle, "bad frame", unexpected=True) from None
+        except (ChannelClosed, ProtocolError) as exc:
+            raise self._lost(handle, exc) from None
         except BaseException:
             self._kill_and_drop(handle, "the run was cancelled")
             raise
+
+    def _lost(self, handle: WorkerHandle, exc: ChannelClosed | ProtocolError) -> IsoBoxError:
+        """The error for a run whose channel closed or carried a bad frame (which kills it)."""
+        if isinstance(exc, ProtocolError):
+            handle.kill(f"bad frame from the worker: {exc}")
+            return self.crash_error(handle, "bad frame", unexpected=True)
+        return self.crash_error(handle, "during the run")
 
     def _wall_timeout(self, handle: WorkerHandle) -> TimeoutError:
         handle.kill("killed by the watchdog past the wall-clock deadline")
