@@ -311,3 +311,11 @@ def test_dates_python_cannot_hold_are_serialization_errors(box: IsoBox) -> None:
         box.run("new Date(NaN)")
     with pytest.raises(isobox.SerializationError, match="outside"):
         box.run("new Date(8.64e15)")
+
+
+def test_console_can_be_replaced_and_deleted(box: IsoBox) -> None:
+    """The lazily built console behaves like a global: replaceable, deletable, stable."""
+    assert box.run("typeof console + (console === console)") == "objecttrue"
+    assert box.run("console = {log: (x) => x * 2}; console.log(21)") == 42
+    assert box.run("delete globalThis.console; typeof console") == "undefined"
+    assert box.execute("console.log.call(null, 'unbound'); 1").console == [("log", "unbound")]

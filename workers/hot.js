@@ -58,8 +58,22 @@
     if (cfg.env !== null) dp(G, 'process', { value: Object.freeze({ env: Object.freeze(cfg.env) }) });
   }
   const H = () => api;
+  function console() {
+    const c = {};
+    for (const k of ['log', 'info', 'warn', 'error', 'debug', 'trace']) {
+      c[k] = (...a) => {
+        if (S.mode === 'off' || S.over) return;
+        let t = '';
+        for (let i = 0; i < a.length; i++) t += (i ? ' ' : '') + (typeof a[i] === 'string' ? a[i] : C().fmt(a[i]));
+        S.n += t.length + 16;
+        if (S.n > S.lim.console) { S.over = true; S.con = []; } else S.con[S.con.length] = [k, t];
+      };
+    }
+    c.dir = c.log;
+    return c;
+  }
   const api = {
-    Tag, enc, finish, setup, takeCon,
+    Tag, enc, finish, setup, takeCon, console,
     fmt: (v) => C().fmt(v),
     failed: (e, code) => C().failed(e, code),
     op: (op, a) => (op === 'console' ? takeCon() : C().op(op, a)),

@@ -19,18 +19,10 @@
     if (e === null) return true;
     try { return typeof e === 'object' && gp(e) === IEP && e.message === 'out of memory'; } catch (_) { return false; }
   };
-  const c = {};
-  for (const k of ['log', 'info', 'warn', 'error', 'debug', 'trace']) {
-    c[k] = (...a) => {
-      if (S.mode === 'off' || S.over) return;
-      let t = '';
-      for (let i = 0; i < a.length; i++) t += (i ? ' ' : '') + (typeof a[i] === 'string' ? a[i] : H().fmt(a[i]));
-      S.n += t.length + 16;
-      if (S.n > S.lim.console) { S.over = true; S.con = []; } else S.con[S.con.length] = [k, t];
-    };
-  }
-  c.dir = c.log;
-  dp(G, 'console', { value: c, writable: true, configurable: true });
+  // The console is built by hot.js on first touch: runs that never log do not parse it.
+  let c = null;
+  dp(G, 'console', { configurable: true, get: () => c || (c = H().console()),
+    set: (v) => dp(G, 'console', { value: v, writable: true, configurable: true }) });
   S.settle = function settle(v) {
     if (!(v instanceof P)) { S.st = { ok: true, value: v }; return 'D'; }
     ap(then, v, [(x) => { S.st = { ok: true, value: x }; }, (e) => { S.st = { ok: false, error: e }; }]);
