@@ -9,7 +9,6 @@
   const hasOwn = Object.hasOwn, keys = Object.keys, D = Date, getTime = D.prototype.getTime;
   const C = () => S.cold || (S.cold = S.ev(S.coldSrc)(S, H));
   class Tag { #b; constructor(t, v) { this.$isobox = t; this.v = v; } static is(o) { return #b in o; } }
-  let conv = false;
   // Date.prototype.toJSON runs before a replacer sees the value: the one place to tell a Date
   // from a string. Installed for the encoding only; a script that froze it gets ISO strings.
   function dateToJSON() { return new Tag('date', ap(getTime, this, [])); }
@@ -28,9 +27,7 @@
     const desc = Object.getOwnPropertyDescriptor(D.prototype, 'toJSON');
     let swapped = false;
     try { dp(D.prototype, 'toJSON', { value: dateToJSON, writable: true, configurable: true }); swapped = true; } catch (_) { /* frozen */ }
-    conv = true;
     try { return JS(v, rep); } finally {
-      conv = false;
       if (swapped) { if (desc) dp(D.prototype, 'toJSON', desc); else delete D.prototype.toJSON; }
     }
   }
