@@ -14,7 +14,6 @@
     SynErr: SyntaxError, TypeErr: TypeError, RangeErr: RangeError, Str: String, slice: String.prototype.slice,
     split: String.prototype.split, indexOf: String.prototype.indexOf, reExec: RegExp.prototype.exec,
     AsyncFn: (async function () {}).constructor, enc: hot.enc };
-  const lim = S.lim;
   const { ap, JS, isView, hasOwn, keys, entries, fromEntries, isArr, defProp, Tag, D, AB } = K;
   const T = '$isobox';
   const str = (s, m, a) => ap(K[m], s, a);
@@ -55,7 +54,7 @@
     if (v instanceof K.S) return 'set';
     return 'object';
   }
-  function describePath(root) {
+  function describePath(root, name) {
     const stack = [];
     function walk(v, path) {
       const t = typeof v;
@@ -74,19 +73,19 @@
       stack.length--;
       return null;
     }
-    return walk(root, 'result') || 'result cannot be serialized';
+    return walk(root, name || 'result') || (name || 'result') + ' cannot be serialized';
   }
-  function encodeFailure(e, v) {
+  function encodeFailure(e, v, name) {
     const msg = safeGet(e, 'message');
     if (Unserializable.is(e) || (isA(e, K.TypeErr) && typeof msg === 'string' && test(/circular/, msg))) {
-      return ['S', JS({ message: clip(describePath(v), lim.error) })];
+      return ['S', JS({ message: clip(describePath(v, name), S.lim.error) })];
     }
     if (isA(e, K.RangeErr)) return ['S', JS({ message: 'result is too deeply nested to serialize' })];
     const r = record(e);
     r.message = 'while converting the result: ' + r.message;
     return ['E', JS(r)];
   }
-  const tooLarge = (n) => JS({ message: 'result of ' + n + ' bytes exceeds the cap of ' + lim.result + ' bytes' });
+  const tooLarge = (n) => JS({ message: 'result of ' + n + ' bytes exceeds the cap of ' + S.lim.result + ' bytes' });
   function clip(s, max) {
     s = typeof s === 'string' ? s : fmt(s);
     return s.length > max ? str(s, 'slice', [0, max]) + '... [truncated]' : s;
@@ -113,7 +112,7 @@
     } else {
       message = fmt(e);
     }
-    return { name: clip(name, 200), message: clip(message, lim.error), stack: clip(stack, lim.error) };
+    return { name: clip(name, 200), message: clip(message, S.lim.error), stack: clip(stack, S.lim.error) };
   }
   function compileRecord(e, colShift) {
     // A compile error's stack is a bare "at <input>:L:C", then "at eval (native)", then our entry.
@@ -214,5 +213,5 @@
     return '';
   }
   const op = (name, a) => (name === 'validate' ? validate(S.JP(a)) : '');
-  return { op, validate, rep, kind, encodeFailure, tooLarge, fmt, failed, failure, revive };
+  return { op, validate, rep, kind, encodeFailure, tooLarge, fmt, failed, failure, revive, describe: describePath };
 })

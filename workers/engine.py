@@ -17,19 +17,20 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
 
 import _quickjs
 
-__all__ = ["Engine", "RunOutcome", "RunSpec"]
+__all__ = ["Engine", "EngineIO", "RunOutcome", "RunSpec", "Stream"]
 
 _PRELUDE = resources.files(__package__).joinpath("prelude.js").read_text(encoding="utf-8")
 # Library sources are handed over as plain strings (ASCII, so the binding copies them intact).
 _HOT = resources.files(__package__).joinpath("hot.js").read_text(encoding="utf-8")
 _COLD = resources.files(__package__).joinpath("cold.js").read_text(encoding="utf-8")
-if not (_PRELUDE.isascii() and _HOT.isascii() and _COLD.isascii()):
+_LOOP = resources.files(__package__).joinpath("loop.js").read_text(encoding="utf-8")
+if not (_PRELUDE.isascii() and _HOT.isascii() and _COLD.isascii() and _LOOP.isascii()):
     raise RuntimeError("the JS prelude and libraries must be ASCII")
 _MIN_CALL_BUDGET = 0.001
 _MAX_JOBS = 10_000_000  # a backstop: the CPU budget ends job floods long before this
@@ -45,25 +46,40 @@ class RunSpec:
     tagged: bool = False
     env_json: str | None = None
     cpu_timeout: float = 30.0
+    wall_timeout: float = 30.0  # the engine's own bound on waiting for timers and host replies
     memory_limit: int = 128 * 2**20
     stack_limit: int = 1 * 2**20
     console: str = "redirect"
     max_result: int = 16 * 2**20
     max_console: int = 1 * 2**20
     max_error: int = 64 * 2**10
+    max_timers: int = 1000
+    max_host_calls: int = 100_000
+    functions: list[list[Any]] | None = None  # [[name, is_async], ...]
     validate: bool = False  # only parse the code; the outcome is R (valid) or C
+    stream: bool = False
+    session: str | None = None
+    restore_json: str | None = None  # a session's checkpoint, applied when its context is new
+    restore_tagged: bool = False
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> RunSpec:
         """The spec of a RUN frame body (unknown keys are ignored; a bad type raises)."""
         return cls(**{k: v for k, v in body.items() if k in _SPEC_FIELDS})
 
+    @property
+    def unlimited(self) -> bool:
+        """True when a sync host function may be called: the binding refuses calls into Python
+        under a time limit, so user code then runs without the in-engine CPU limit."""
+        return any(not is_async for _, is_async in self.functions or ())
+
 
 @dataclass(slots=True)
 class RunOutcome:
     """What a run produced. ``kind``: R ok, E script error, C compile error, S serialization,
-    T CPU timeout, M memory limit, X console overflow. ``retire``: the context or the process
-    may be damaged, so the worker should be replaced."""
+    T CPU timeout, W wall timeout seen by the engine, M memory limit, X console overflow.
+    ``retire``: the context or the process may be damaged, so the worker should be replaced.
+    ``state``: a session's JSON-able globals after a successful run (its checkpoint)."""
 
     kind: str
     payload: str  # R: the value as tagged JSON; otherwise a JSON error record
@@ -71,120 +87,466 @@ class RunOutcome:
     cpu_time: float = 0.0
     memory: int = 0
     retire: bool = False
+    state: str | None = None
+    dropped: bool = False  # the session's context was discarded (restore it from a checkpoint)
 
 
 _SPEC_FIELDS = frozenset(RunSpec.__dataclass_fields__)
 OutputSink = Callable[[list[tuple[str, str]]], None]
 
 
+class EngineIO:
+    """How a run reaches its host: console output, host-function calls, and waiting.
+
+    The worker implements it over frames; in-process mode calls the host directly. This base
+    has no host: calls fail inside JS, waits just sleep.
+    """
+
+    def output(self, lines: list[tuple[str, str]]) -> None:
+        """Console lines produced so far (flushed while the run goes on)."""
+
+    def call(self, name: str, args: str) -> str:
+        """A sync host call: blocks; returns ``j``/``t`` + JSON (tagged) or ``e`` + JSON."""
+        return "e" + json.dumps({"message": f"host function {name} is not available"})
+
+    def start_call(self, cid: int, name: str, args: str) -> None:
+        """Begin an async host call; its reply comes back through :meth:`wait`."""
+
+    def wait(self, timeout: float) -> list[tuple[int, str]]:
+        """Wait up to ``timeout`` seconds for async host replies; returns those that came."""
+        time.sleep(max(0.0, timeout))
+        return []
+
+
+class _SinkIO(EngineIO):
+    def __init__(self, sink: OutputSink | None) -> None:
+        self.sink = sink
+
+    def output(self, lines: list[tuple[str, str]]) -> None:
+        if self.sink is not None:
+            self.sink(lines)
+
+
 class _Budget:
-    """The run's CPU budget, measured on this thread's CPU clock."""
+    """The run's CPU budget, measured on the CPU clock of whichever thread drives it."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self.start = time.thread_time()
+        self.spent = 0.0
+        self.mark = time.thread_time()
+
+    def resume(self) -> None:
+        self.mark = time.thread_time()
+
+    def pause(self) -> None:
+        self.spent += time.thread_time() - self.mark
+        self.mark = time.thread_time()
 
     def remaining(self) -> float:
-        return self.seconds - (time.thread_time() - self.start)
+        return self.seconds - self.used()
 
     def used(self) -> float:
-        return time.thread_time() - self.start
+        return self.spent + time.thread_time() - self.mark
 
 
 class _CpuExhausted(Exception):
     pass
 
 
-class Engine:
-    """Runs requests in fresh QuickJS contexts, one at a time (not thread-safe)."""
+class _WallExpired(Exception):
+    pass
+
+
+class JsContext:
+    """One QuickJS context with the trusted prelude: a fresh run's, or a session's."""
+
+    __slots__ = ("ctx", "fn", "host_bound", "session")
 
     def __init__(self) -> None:
-        self._ready: tuple[Any, Any] | None = None
-        self._spent: tuple[Any, Any] | None = None
+        self.ctx = _quickjs.Context()
+        self.fn = self.ctx.eval(_PRELUDE)
+        self.fn("hot", _HOT)
+        self.fn("cold", _COLD)
+        self.fn("loop", _LOOP)
+        self.host_bound = False
+        self.session = False
+
+
+class _Drive:
+    """One run (or stream) on one context: the budget, the deadline, and the turns of JS."""
+
+    def __init__(self, engine: Engine, jc: JsContext, spec: RunSpec, io: EngineIO) -> None:
+        self.engine = engine
+        self.jc = jc
+        self.spec = spec
+        self.io = io
+        self.budget = _Budget(spec.cpu_timeout)
+        self.wall = time.monotonic() + spec.wall_timeout
+        self.unlimited = spec.unlimited
+        self.next_flush = 0.0
+
+    def call(self, op: str, arg: str = "", *, user: bool = False) -> str:
+        """One call into the prelude under the remaining budget (no limit when ``user`` code
+        may call a sync host function)."""
+        left = self.budget.remaining()
+        if left <= 0:
+            raise _CpuExhausted
+        ctx = self.jc.ctx
+        ctx.set_time_limit(-1 if user and self.unlimited else max(left, _MIN_CALL_BUDGET))
+        result = self.jc.fn(op, arg)
+        if not isinstance(result, str):
+            raise _quickjs.JSException("prelude returned a non-string")
+        return result
+
+    def drain(self) -> None:
+        """Run queued promise jobs under the budget, flushing console output now and then."""
+        ctx = self.jc.ctx
+        for _ in range(_MAX_JOBS):
+            left = self.budget.remaining()
+            if left <= 0:
+                raise _CpuExhausted
+            ctx.set_time_limit(-1 if self.unlimited else max(left, _MIN_CALL_BUDGET))
+            if not ctx.execute_pending_job():
+                return
+            if time.monotonic() >= self.next_flush:
+                self.flush()
+        raise _CpuExhausted
+
+    def flush(self) -> None:
+        self.next_flush = time.monotonic() + _CONSOLE_EVERY
+        lines = self.call("console")
+        if lines not in ("[]", '"overflow"'):
+            self.io.output([(str(k), str(m)) for k, m in json.loads(lines)])
+
+    def step(self) -> bool:
+        """One turn of the event loop: send queued host calls, then fire a due timer or wait
+        for the next timer or host reply. False when nothing is pending (it never settles)."""
+        status = self.call(".poll")
+        head, pending, calls = status.split(" ", 2)
+        for cid, name, args in json.loads(calls):
+            self.io.start_call(int(cid), str(name), str(args))
+        if head[0] == "D":
+            return True
+        due = float(head[1:])
+        if due < 0 and int(pending) == 0 and calls == "[]":
+            return False
+        if 0 <= due < 0.5:
+            self.call(".fire", user=True)
+            return True
+        left = self.wall - time.monotonic()
+        if left <= 0:
+            raise _WallExpired
+        wait = left if due < 0 else min(left, due / 1000.0)
+        for cid, reply in self.io.wait(wait):
+            self.call(".settle", json.dumps([cid, reply]), user=True)
+        return True
+
+    def request(self) -> str:
+        spec = self.spec
+        limits = json.dumps({"result": spec.max_result, "console": spec.max_console,
+                             "error": spec.max_error, "timers": spec.max_timers,
+                             "calls": spec.max_host_calls})
+        extra = ""
+        if spec.functions:
+            extra += f',"fns":{json.dumps(spec.functions)}'
+        if spec.stream:
+            extra += ',"stream":true'
+        if self.jc.session:
+            extra += ',"session":true'
+        # Globals and env arrive as JSON text already; splice them in rather than re-encode.
+        return (f'{{"limits":{limits},"console":{json.dumps(spec.console)},'
+                f'"tagged":{"true" if spec.tagged else "false"},"code":{json.dumps(spec.code)},'
+                f'"globals":{spec.globals_json or "null"},"env":{spec.env_json or "null"}{extra}}}')
+
+    def start(self) -> None:
+        """Set the globals up and evaluate the code (one crossing)."""
+        if self.unlimited and not self.jc.host_bound:
+            self.jc.ctx.add_callable("__isoboxHost", self.engine.host_trampoline)
+            self.jc.host_bound = True
+        self.call("run", self.request(), user=True)
+
+    def settle(self) -> str:
+        """Drive jobs, timers and host replies until the run's value is ready; its finish."""
+        while True:
+            # Drained even when the completion value is not a promise: `p.then(...)` reactions
+            # and their output belong to the run (it returns at once on an empty queue).
+            self.drain()
+            text = self.call("finish")
+            if text != "L":
+                return text
+            if not self.step():
+                return self.call("finish")
+_NEVER = ('E2:[]{"name":"Error","message":"the script\'s promise never settled and nothing '
+          'is left to run","stack":""}')
+MAX_SESSIONS = 256  # per engine (per worker): a backstop behind the supervisor's own limits
+
+
+class Engine:
+    """Runs requests in fresh QuickJS contexts, or in a session's own context, one at a time
+    (not thread-safe: in-process mode keeps one per thread, or a lock per session)."""
+
+    def __init__(self) -> None:
+        self._ready: JsContext | None = None
+        self._spent: JsContext | None = None
+        self._sessions: dict[str, JsContext] = {}
+        self._io: EngineIO = EngineIO()
 
     def prepare(self) -> None:
         """Free the last run's context and build the next one, while nobody waits for either."""
         self._spent = None
         if self._ready is None:
-            ctx = _quickjs.Context()
-            fn = ctx.eval(_PRELUDE)
-            fn("hot", _HOT)
-            fn("cold", _COLD)
-            self._ready = (ctx, fn)
+            self._ready = JsContext()
 
-    def run(self, spec: RunSpec, on_output: OutputSink | None = None) -> RunOutcome:
-        """Run one request in a fresh context; never raises for anything the script does."""
-        self.prepare()
-        if self._ready is None:
-            raise RuntimeError("engine has no prepared context")
-        ctx, fn = self._spent = self._ready
-        self._ready = None
-        ctx.set_memory_limit(spec.memory_limit)
-        ctx.set_max_stack_size(spec.stack_limit)
-        budget = _Budget(spec.cpu_timeout)
+    def host_trampoline(self, name: Any, args: Any) -> str:
+        """The one Python callable JS may call (sync host functions). It must never raise: an
+        exception here would leave the binding's error flag set and fail the whole eval."""
         try:
-            outcome = self._drive(ctx, fn, spec, budget, on_output)
+            return self._io.call(str(name), str(args))
+        except BaseException as exc:
+            failure = f"host function {name} failed ({type(exc).__name__})"
+            return "e" + json.dumps({"message": failure})
+
+    # -- contexts --------------------------------------------------------------------------
+    def _context(self, spec: RunSpec) -> JsContext:
+        if spec.session is None:
+            self.prepare()
+            if self._ready is None:
+                raise RuntimeError("engine has no prepared context")
+            jc = self._spent = self._ready
+            self._ready = None
+            return jc
+        jc = self._sessions.get(spec.session)
+        if jc is None:
+            if len(self._sessions) >= MAX_SESSIONS:
+                raise _TooManySessions
+            jc = JsContext()
+            jc.session = True
+            jc.fn(".base", "")
+            self._sessions[spec.session] = jc
+            if spec.restore_json is not None:  # a checkpoint from a worker that died
+                restore = replace(spec, globals_json=spec.restore_json, tagged=spec.restore_tagged,
+                                  functions=None, stream=False, env_json=None)
+                with contextlib.suppress(Exception):
+                    _Drive(self, jc, restore, EngineIO()).call("setup", _Drive(
+                        self, jc, restore, EngineIO()).request())
+        return jc
+
+    def drop_session(self, sid: str) -> bool:
+        """Free a session's context; True if it existed."""
+        return self._sessions.pop(sid, None) is not None
+
+    def has_session(self, sid: str) -> bool:
+        """Whether this engine holds a live context for ``sid``."""
+        return sid in self._sessions
+
+    def _begin(self, spec: RunSpec, io: EngineIO | None) -> _Drive:
+        jc = self._context(spec)
+        jc.ctx.set_memory_limit(spec.memory_limit)
+        jc.ctx.set_max_stack_size(spec.stack_limit)  # also re-reads this thread's stack top
+        self._io = io or EngineIO()
+        return _Drive(self, jc, spec, self._io)
+
+    # -- runs ------------------------------------------------------------------------------
+    def run(self, spec: RunSpec, on_output: OutputSink | EngineIO | None = None) -> RunOutcome:
+        """Run one request; never raises for anything the script does."""
+        io = on_output if isinstance(on_output, EngineIO) else _SinkIO(on_output)
+        try:
+            drive = self._begin(spec, io)
+        except _TooManySessions:
+            return _internal(f"this worker already holds {MAX_SESSIONS} sessions")
+        outcome = self._guard(drive, lambda: self._run(drive))
+        if drive.jc.session:
+            self._after_session_run(drive, outcome)
+        return outcome
+
+    def _run(self, drive: _Drive) -> RunOutcome:
+        spec = drive.spec
+        if spec.validate:
+            drive.call("setup", drive.request())
+            error = drive.call("validate", json.dumps(spec.code))
+            return RunOutcome("C", error) if error else RunOutcome("R", "null\nnull")
+        drive.start()
+        text = drive.settle()
+        return _parse_finish(_NEVER if text == "L" else text, spec)
+
+    def _guard(self, drive: _Drive, body: Callable[[], RunOutcome]) -> RunOutcome:
+        """Run ``body``, turning engine-level failures into outcomes; figures filled in."""
+        drive.budget.resume()
+        try:
+            outcome = body()
         except _quickjs.JSException as exc:
-            outcome = _classify_engine_failure(str(exc), spec, ctx, fn, budget)
+            outcome = _classify_engine_failure(str(exc), drive)
         except _CpuExhausted:
-            outcome = _timeout_outcome(spec, ctx, fn)
+            outcome = _timeout_outcome(drive)
+        except _WallExpired:
+            outcome = RunOutcome("W", "{}", _take_console(drive))
         except Exception as exc:  # the binding failed to convert something: never crash the worker
             record = {"name": "InternalError", "stack": "",
                       "message": f"the engine failed: {type(exc).__name__}: {exc}"[:500]}
             outcome = RunOutcome("E", json.dumps(record), retire=True)
-        outcome.cpu_time = budget.used()
+        drive.budget.pause()
+        outcome.cpu_time = drive.budget.used()
         with contextlib.suppress(Exception):  # a poisoned runtime may refuse; figure is optional
-            outcome.memory = int(ctx.memory()["memory_used_size"])
+            outcome.memory = int(drive.jc.ctx.memory()["memory_used_size"])
         return outcome
 
-    def _call(self, ctx: Any, fn: Any, budget: _Budget, op: str, arg: str = "") -> str:
-        left = budget.remaining()
-        if left <= 0:
-            raise _CpuExhausted
-        ctx.set_time_limit(max(left, _MIN_CALL_BUDGET))
-        result = fn(op, arg)
-        if not isinstance(result, str):
-            raise _quickjs.JSException("prelude returned a non-string")
-        return result
+    def _after_session_run(self, drive: _Drive, outcome: RunOutcome) -> None:
+        """A session keeps its context through script errors and CPU timeouts; after a memory
+        limit or an engine failure it is dropped and restored from the last checkpoint."""
+        sid = drive.spec.session
+        if outcome.kind == "M" or outcome.retire:
+            if sid is not None:
+                self.drop_session(sid)
+            outcome.dropped = True
+            outcome.retire = False  # the context had its own runtime; the process is fine
+            return
+        if outcome.kind == "R" and not drive.spec.validate:
+            with contextlib.suppress(Exception):
+                drive.budget.seconds = drive.budget.used() + 1.0  # a bounded extra for the state
+                state = drive.call(".state")
+                outcome.state = state or None
 
-    def _drive(
-        self, ctx: Any, fn: Any, spec: RunSpec, budget: _Budget, on_output: OutputSink | None
-    ) -> RunOutcome:
-        # Globals and env arrive as JSON text already; splice them in rather than re-encode.
-        limits = json.dumps({"result": spec.max_result, "console": spec.max_console,
-                             "error": spec.max_error})
-        code = json.dumps(spec.code)
-        request = (f'{{"limits":{limits},"console":{json.dumps(spec.console)},'
-                   f'"tagged":{"true" if spec.tagged else "false"},"code":{code},'
-                   f'"globals":{spec.globals_json or "null"},"env":{spec.env_json or "null"}}}')
-        if spec.validate:
-            self._call(ctx, fn, budget, "setup", request)
-            error = self._call(ctx, fn, budget, "validate", code)
-            return RunOutcome("C", error) if error else RunOutcome("R", "null\nnull")
-        # One call sets the globals up and evaluates the code: one crossing fewer per run.
-        self._call(ctx, fn, budget, "run", request)
-        # Drained even when the completion value is not a promise: `p.then(...)` reactions and
-        # their output belong to the run (it returns at once on an empty queue).
-        self._drain_jobs(ctx, fn, budget, on_output)
-        return _parse_finish(self._call(ctx, fn, budget, "finish"), spec)
+    def session_state(self, spec: RunSpec) -> RunOutcome:
+        """A session's JSON-able globals, after setting those in ``spec``'s globals if any
+        (``get_state`` and ``set_state``)."""
+        try:
+            drive = self._begin(spec, None)
+        except _TooManySessions:
+            return _internal(f"this worker already holds {MAX_SESSIONS} sessions")
 
-    def _drain_jobs(
-        self, ctx: Any, fn: Any, budget: _Budget, on_output: OutputSink | None
-    ) -> None:
-        next_flush = time.monotonic() + _CONSOLE_EVERY
-        for _ in range(_MAX_JOBS):
-            left = budget.remaining()
-            if left <= 0:
-                raise _CpuExhausted
-            ctx.set_time_limit(max(left, _MIN_CALL_BUDGET))
-            if not ctx.execute_pending_job():
-                return
-            if on_output is not None and time.monotonic() >= next_flush:
-                next_flush = time.monotonic() + _CONSOLE_EVERY
-                lines = self._call(ctx, fn, budget, "console")
-                if lines not in ("[]", '"overflow"'):
-                    on_output([(str(k), str(m)) for k, m in json.loads(lines)])
-        raise _CpuExhausted
+        def body() -> RunOutcome:
+            drive.call("setup", drive.request())
+            state = drive.call(".state")
+            if not state:
+                return RunOutcome("S", json.dumps({"message": "the session state exceeds the "
+                                                   "result cap"}))
+            return RunOutcome("R", "object\n" + state, state=state)
+
+        return self._guard(drive, body)
+
+    # -- streams ---------------------------------------------------------------------------
+    def open_stream(self, spec: RunSpec, io: EngineIO | None = None) -> Stream:
+        """Start a stream: evaluate the code and settle its value (the iterator comes next)."""
+        return Stream(self, spec, io or EngineIO())
+
+
+class _TooManySessions(Exception):
+    pass
+
+
+class Stream:
+    """A running stream: :meth:`pump` pulls the next batch; :meth:`close` runs ``return()``."""
+
+    def __init__(self, engine: Engine, spec: RunSpec, io: EngineIO) -> None:
+        self.engine = engine
+        self.outcome: RunOutcome | None = None
+        try:
+            self.drive: _Drive | None = engine._begin(spec, io)
+        except _TooManySessions:
+            self.drive = None
+            self.outcome = _internal(f"this worker already holds {MAX_SESSIONS} sessions")
+            return
+        drive = self.drive
+        outcome = engine._guard(drive, lambda: self._start(drive))
+        if outcome.kind != "R":
+            self._end(outcome)
+
+    def _start(self, drive: _Drive) -> RunOutcome:
+        drive.start()
+        while True:
+            drive.drain()
+            status = drive.call(".poll")
+            if status[0] == "D" or not drive.step():
+                return RunOutcome("R", "undefined\nnull")
+
+    def _end(self, outcome: RunOutcome) -> None:
+        self.outcome = outcome
+        drive = self.drive
+        if drive is not None and drive.jc.session:
+            self.engine._after_session_run(drive, outcome)
+            outcome.state = None  # a stream does not checkpoint; the next run will
+
+    @property
+    def done(self) -> bool:
+        """True once the stream ended (``outcome`` says how)."""
+        return self.outcome is not None
+
+    def pump(self, limit: int) -> tuple[str, int]:
+        """At most ``limit`` more values as one JSON array text, and how many it holds; once
+        the stream ends, :attr:`outcome` is set (R when the iterator finished)."""
+        drive = self.drive
+        if drive is None or self.outcome is not None:
+            return "[]", 0
+        result: list[str] = []
+
+        def body() -> RunOutcome:
+            while True:
+                text = drive.call(".pump", str(max(1, limit)), user=True)
+                drive.drain()
+                head, _, tail = text.partition("\n")
+                state, items = head[0], head[1:]
+                if items != "[]" or state != "W":
+                    result.append(items)
+                    result.append(state)
+                    result.append(tail)
+                    return RunOutcome("R", "")
+                while True:
+                    drive.drain()
+                    if drive.call(".poll")[0] == "D":
+                        break
+                    if not drive.step():
+                        return _parse_finish(_NEVER, drive.spec)
+
+        outcome = self.engine._guard(drive, body)
+        drive.budget.pause()
+        with contextlib.suppress(_CpuExhausted, _quickjs.JSException):
+            drive.flush()
+        if not result:
+            self._end(outcome)
+            return "[]", 0
+        items, state, tail = result
+        if state == "D":
+            self._end(RunOutcome("R", "undefined\nnull"))
+        elif state == "F":
+            self._end(_parse_finish(tail[0] + "2:[]" + tail[1:], drive.spec))
+        count = 0 if items == "[]" else _count_items(items)
+        return items, count
+
+    def close(self) -> None:
+        """Stop early: run the iterator's ``return()`` (its ``finally`` blocks) briefly."""
+        drive = self.drive
+        if drive is None or self.outcome is not None:
+            return
+        drive.budget.seconds = drive.budget.used() + 0.1
+        drive.wall = min(drive.wall, time.monotonic() + 0.2)
+
+        def body() -> RunOutcome:
+            if drive.call(".close", user=True) == "W":
+                drive.settle()
+            drive.flush()
+            return RunOutcome("R", "undefined\nnull")
+
+        self._end(self.engine._guard(drive, body))
+
+
+def _count_items(items: str) -> int:
+    """How many values a pump's JSON array holds (parsed: values may contain commas)."""
+    return len(json.loads(items))
+
+
+def _internal(message: str) -> RunOutcome:
+    return RunOutcome("E", json.dumps({"name": "IsoBoxInternal", "message": message, "stack": ""}))
+
+
+def _take_console(drive: _Drive) -> list[tuple[str, str]]:
+    try:
+        drive.jc.ctx.set_time_limit(0.05)
+        lines = drive.jc.fn("console", "")
+        if isinstance(lines, str) and lines.startswith("["):
+            return [(str(k), str(m)) for k, m in json.loads(lines)]
+    except Exception:
+        return []
+    return []
 
 
 def _parse_finish(text: str, spec: RunSpec) -> RunOutcome:
@@ -233,27 +595,27 @@ def _split_finish(text: str, spec: RunSpec) -> RunOutcome:
     return RunOutcome(kind, payload, console)
 
 
-_TRUSTED_FRAMES = ("at dispatch (", "at isobox (", "at failed ", "at settle ")
+_TRUSTED_FRAMES = ("at dispatch (", "at isobox (", "at failed ", "at settle ", "at isoboxFire (",
+                   "at isoboxPump (", "at isoboxSettle (", "at isoboxClose (")
 
 
 def clean_stack(stack: str) -> str:
-    """Drop the prelude's own frames (and the ``eval`` that entered user code) from a stack."""
+    """Drop the prelude's own frames (and the native call that entered user code) from a
+    stack: everything from the first trusted frame on."""
     lines = stack.splitlines()
     for i, line in enumerate(lines):
         if any(marker in line for marker in _TRUSTED_FRAMES):
             keep = lines[:i]
-            if keep and keep[-1].strip() == "at eval (native)":
+            while keep and keep[-1].strip().endswith("(native)"):
                 keep.pop()
             return "\n".join(keep) + ("\n" if keep else "")
     return stack
 
 
-def _classify_engine_failure(
-    message: str, spec: RunSpec, ctx: Any, fn: Any, budget: _Budget
-) -> RunOutcome:
+def _classify_engine_failure(message: str, drive: _Drive) -> RunOutcome:
     """An uncatchable error escaped the prelude: the time limit, the memory limit, or a bug."""
     if "interrupted" in message:
-        return _timeout_outcome(spec, ctx, fn)
+        return _timeout_outcome(drive)
     if message.startswith("null") or "out of memory" in message:
         return RunOutcome("M", "{}", retire=True)
     if "stack size exceeded" in message:
@@ -263,14 +625,7 @@ def _classify_engine_failure(
     return RunOutcome("E", json.dumps(record), retire=True)
 
 
-def _timeout_outcome(spec: RunSpec, ctx: Any, fn: Any) -> RunOutcome:
-    """CPU budget spent: keep what the script printed before it, with a small extra budget."""
-    console: list[tuple[str, str]] = []
-    try:
-        ctx.set_time_limit(0.05)
-        lines = fn("console", "")
-        if isinstance(lines, str) and lines.startswith("["):
-            console = [(str(k), str(m)) for k, m in json.loads(lines)]
-    except Exception:
-        console = []
-    return RunOutcome("T", "{}", console, retire=True)
+def _timeout_outcome(drive: _Drive) -> RunOutcome:
+    """CPU budget spent: keep what the script printed before it, with a small extra budget.
+    A session's context survives an interrupt, so only a fresh context's worker retires."""
+    return RunOutcome("T", "{}", _take_console(drive), retire=not drive.jc.session)

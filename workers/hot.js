@@ -52,7 +52,7 @@
       const g = cfg.tagged ? C().revive(cfg.globals) : cfg.globals;
       for (const k of keys(g)) dp(G, k, { value: g[k], writable: true, configurable: true, enumerable: true });
     }
-    if (cfg.env !== null) dp(G, 'process', { value: Object.freeze({ env: Object.freeze(cfg.env) }) });
+    if (cfg.env !== null) dp(G, 'process', { value: Object.freeze({ env: Object.freeze(cfg.env) }), configurable: true });
   }
   const H = () => api;
   function console() {

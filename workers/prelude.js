@@ -9,9 +9,10 @@
   const G = globalThis, ev = G.eval, JS = JSON.stringify, JP = JSON.parse, ap = Reflect.apply;
   const P = Promise, then = P.prototype.then, dp = Object.defineProperty, slice = String.prototype.slice;
   const IEP = InternalError.prototype, gp = Object.getPrototypeOf;
-  const S = { st: null, mode: 'redirect', con: [], n: 0, over: false, lim: null, hotSrc: '',
-    coldSrc: '', hot: null, cold: null, G, ev, JS, JP, ap, P, dp, gp };
+  const S = { st: null, unc: null, it: null, nx: null, mode: 'redirect', con: [], n: 0, over: false,
+    lim: null, hotSrc: '', coldSrc: '', loopSrc: '', hot: null, cold: null, loop: null, G, ev, JS, JP, ap, P, dp, gp };
   const H = () => S.hot || (S.hot = ev(S.hotSrc)(S));
+  const L = () => S.loop || (S.loop = ev(S.loopSrc)(S, H));
   // QuickJS throws InternalError("out of memory"), or null when it cannot even allocate that;
   // caught here, before any library would have to be parsed in an exhausted heap.
   // No instanceof on thrown values: a Proxy trap or Symbol.hasInstance would run user code here.
@@ -23,6 +24,10 @@
   let c = null;
   dp(G, 'console', { configurable: true, get: () => c || (c = H().console()),
     set: (v) => dp(G, 'console', { value: v, writable: true, configurable: true }) });
+  // Timers live in loop.js, parsed on first touch like the console.
+  for (const k of ['setTimeout', 'setInterval', 'clearTimeout', 'clearInterval', 'queueMicrotask']) {
+    dp(G, k, { configurable: true, get: () => L().api[k], set: (v) => dp(G, k, { value: v, writable: true, configurable: true }) });
+  }
   S.settle = function settle(v) {
     if (!(v instanceof P)) { S.st = { ok: true, value: v }; return 'D'; }
     ap(then, v, [(x) => { S.st = { ok: true, value: x }; }, (e) => { S.st = { ok: false, error: e }; }]);
@@ -40,16 +45,26 @@
       case 'setup': case 'run': {
         const cfg = JP(a);
         S.lim = cfg.limits; S.mode = cfg.console;
+        S.st = null; S.unc = null; S.con = []; S.n = 0; S.over = false;
+        if (S.loop !== null) S.loop.reset();
         if (cfg.globals !== null || cfg.env !== null) H().setup(cfg);
+        if (cfg.fns) L().bind(cfg.fns);
         if (op === 'setup') return 'ok';
-        const code = cfg.code;
-        try { return S.settle(ev(code)); } catch (e) {
+        let code = cfg.code;
+        if (cfg.session) code = L().repl(code);
+        try {
+          if (cfg.stream) { const r = L().streamStart(code); if (r !== null) return r; }
+          return S.settle(ev(code));
+        } catch (e) {
           if (oom(e)) { S.st = { ok: false, error: e }; return 'D'; }
           return H().failed(e, code);
         }
       }
       case 'finish': {
+        // Not ready while timers or host calls may still settle it: the engine drives the loop.
+        if (S.st === null && S.unc === null && S.loop !== null && S.loop.busy()) return 'L';
         const st = S.st;
+        if (S.unc !== null) { S.st = { ok: false, error: S.unc.e }; S.unc = null; return ap(slice, H().finish(), [0]); }
         if (st !== null && st.ok && S.con.length === 0 && !S.over) {
           const v = st.value, t = typeof v;
           if (t === 'boolean' || (t === 'number' && v - v === 0) || (t === 'string' && v.length * 6 < S.lim.result)) {
@@ -62,7 +77,8 @@
       }
       case 'hot': S.hotSrc = a; return 'ok';
       case 'cold': S.coldSrc = a; return 'ok';
-      default: return ap(slice, H().op(op, a), [0]);
+      case 'loop': S.loopSrc = a; return 'ok';
+      default: return ap(slice, op[0] === '.' ? L().op(op, a) : H().op(op, a), [0]);
     }
   }
 })()
