@@ -22,12 +22,14 @@ from isobox.errors import (
 
 if TYPE_CHECKING:
     from isobox.api import AsyncIsoBox, IsoBox
+    from isobox.sessions import AsyncSession, Session
     from isobox.results import (
         CodeValidation,
         ExecutionMetrics,
         ExecutionResult,
         GlobalMetrics,
         PoolStats,
+        SessionInfo,
         WorkerStats,
     )
 
@@ -35,6 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncIsoBox",
+    "AsyncSession",
     "ClosedError",
     "CodeValidation",
     "CompileError",
@@ -48,7 +51,9 @@ __all__ = [
     "ScriptError",
     "SecurityError",
     "SerializationError",
+    "Session",
     "SessionError",
+    "SessionInfo",
     "TimeoutError",
     "WorkerCrashedError",
     "WorkerStats",
@@ -57,6 +62,9 @@ __all__ = [
 _LAZY = {
     "IsoBox": "isobox.api",
     "AsyncIsoBox": "isobox.api",
+    "Session": "isobox.sessions",
+    "AsyncSession": "isobox.sessions",
+    "SessionInfo": "isobox.results",
     "CodeValidation": "isobox.results",
     "ExecutionMetrics": "isobox.results",
     "ExecutionResult": "isobox.results",

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 from isobox import values
@@ -34,10 +34,12 @@ from isobox.errors import (
     ScriptError,
     SecurityError,
     SerializationError,
+    SessionError,
     TimeoutError,
     WorkerCrashedError,
 )
 from isobox.events import EventEmitter, Handler
+from isobox.host import HostFunctions
 from isobox.metrics import MetricsRecorder
 from isobox.options import RUN_OVERRIDES, BoxOptions, RunRequest, build_request, pool_config
 from isobox.results import (
@@ -46,15 +48,51 @@ from isobox.results import (
     ExecutionResult,
     GlobalMetrics,
     PoolStats,
+    SessionInfo,
     WorkerStats,
 )
-from isobox.supervisor.pool import Pool
+from isobox.sessions import AsyncSession, Session, SessionState, check_id
+from isobox.supervisor.handle import WorkerHandle
+from isobox.supervisor.pool import PinLost, Pool
+from isobox.supervisor.streams import PoolStream, open_stream, open_stream_async
+from isobox.workers.engine import Engine, EngineIO, RunSpec
+from isobox.workers.worker import reply_body
 
 __all__ = ["AsyncIsoBox", "IsoBox"]
 
 log = logging.getLogger("isobox")
 
 _MODES = ("process", "inprocess")
+_SWEEP_EVERY = 0.1  # seconds between TTL sweeps while sessions exist
+
+
+class _LocalIO(EngineIO):
+    """In-process mode: console to the sink, host functions called right here (async ones
+    complete before their Promise is handed back; their replies wait in ``done``)."""
+
+    def __init__(self, sink: Callable[[list[tuple[str, str]]], None] | None,
+                 host: HostFunctions | None) -> None:
+        self.sink = sink
+        self.host = host
+        self.done: list[tuple[int, str]] = []
+
+    def output(self, lines: list[tuple[str, str]]) -> None:
+        if self.sink is not None:
+            self.sink(lines)
+
+    def call(self, name: str, args: str) -> str:
+        if self.host is None:
+            return super().call(name, args)
+        return self.host.call(name, args)
+
+    def start_call(self, cid: int, name: str, args: str) -> None:
+        self.done.append((cid, self.call(name, args)))
+
+    def wait(self, timeout: float) -> list[tuple[int, str]]:
+        if self.done:
+            done, self.done = self.done, []
+            return done
+        return super().wait(timeout)
 
 
 def _grace(timeout: float) -> float:
@@ -71,10 +109,17 @@ class _BoxCore:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         if address is not None:
             raise IsoBoxError("remote mode (address=...) is not available yet")
-        for unsupported in ("filesystem", "require", "functions"):
+        for unsupported in ("filesystem", "require"):
             if options.get(unsupported):
                 raise IsoBoxError(f"the {unsupported!r} option is not available yet")
             options.pop(unsupported, None)
+        self._host = HostFunctions(options.pop("functions", None) or {})
+        self._max_sessions = _count("max_sessions", options.pop("max_sessions", 1000))
+        self._per_worker = _count("max_sessions_per_worker",
+                                  options.pop("max_sessions_per_worker", 64))
+        self._sessions: dict[str, SessionState] = {}
+        self._sessions_lock = threading.Lock()
+        self._sweeper: threading.Thread | None = None
         self._options = BoxOptions(**options)
         config = pool_config(pool)
         self._mode = mode
@@ -113,17 +158,28 @@ class _BoxCore:
                          restarts=self._pool.restarts, queued=queued)
 
     # -- preparing and completing runs -----------------------------------------------------
-    def _prepare(self, code: str, overrides: dict[str, Any], *, validate: bool = False
-                 ) -> RunRequest:
+    def _prepare(self, code: str, overrides: dict[str, Any], *, validate: bool = False,
+                 session: SessionState | None = None) -> tuple[RunRequest, HostFunctions]:
         if self._closed:
             raise ClosedError("the box was shut down")
+        overrides = dict(overrides)
+        host = self._host
+        if session is not None:
+            host = host.merged(session.functions)
+            overrides = {**session.overrides, **overrides}
+        host = host.merged(overrides.pop("functions", None))
         filename = overrides.pop("filename", None)
         language = overrides.pop("language", None)
         unknown = set(overrides) - RUN_OVERRIDES
         if unknown:
             raise TypeError(f"unknown run option(s) {sorted(unknown)}")
-        return build_request(code, self._options.with_overrides(overrides), filename, language,
-                             validate=validate)
+        request = build_request(code, self._options.with_overrides(overrides), filename,
+                                language, validate=validate)
+        if host:
+            request.body["functions"] = host.spec()
+        if session is not None:
+            request.body["session"] = session.id
+        return request, host
 
     def _output_sink(self, request: RunRequest, collected: list[tuple[str, str]]
                      ) -> Any:
@@ -173,6 +229,9 @@ class _BoxCore:
         if kind == "T":
             return TimeoutError(f"the run exceeded its CPU budget of {opts.effective_cpu_timeout}s",
                                 kind="cpu", limit=opts.effective_cpu_timeout)
+        if kind == "W":
+            return TimeoutError(f"the run exceeded its wall-clock timeout of {opts.timeout}s",
+                                kind="wall", limit=opts.timeout)
         if kind == "M":
             return MemoryLimitError(f"the run exceeded its memory limit of {opts.memory_limit} "
                                     "bytes", limit=opts.memory_limit)
@@ -233,20 +292,200 @@ class _BoxCore:
             engine = self._engines.engine = Engine()
         return engine
 
-    def _inprocess_reply(self, request: RunRequest, sink: Any) -> dict[str, Any]:
-        from isobox.workers.engine import RunSpec  # noqa: PLC0415 - only in-process mode needs it
-        from isobox.workers.worker import reply_body  # noqa: PLC0415
-
+    @staticmethod
+    def _local_spec(request: RunRequest) -> RunSpec:
         spec = RunSpec.from_body(request.body)
         # No watchdog here: the CPU budget is the only bound, so it never exceeds the timeout.
-        spec = dataclasses.replace(spec, cpu_timeout=min(spec.cpu_timeout, request.options.timeout))
+        return dataclasses.replace(spec,
+                                   cpu_timeout=min(spec.cpu_timeout, request.options.timeout))
+
+    def _inprocess_reply(self, request: RunRequest, sink: Any, host: HostFunctions | None,
+                         session: SessionState | None = None, op: str = "run"
+                         ) -> dict[str, Any]:
+        spec = self._local_spec(request)
+        io = _LocalIO(sink, host)
+        if session is not None:
+            engine = session.engine
+            if engine is None:
+                engine = session.engine = Engine()
+                if session.checkpoint is not None:
+                    spec = dataclasses.replace(spec, restore_json=session.checkpoint,
+                                               restore_tagged=True)
+            outcome = engine.session_state(spec) if op == "state" else engine.run(spec, io)
+            return reply_body(outcome)
         engine = self._engine()
-        outcome = engine.run(spec, sink)
+        outcome = engine.run(spec, io)
         if outcome.retire:
             self._engines.engine = None
         else:
             engine.prepare()
         return reply_body(outcome)
+
+    # -- sessions (shared parts) -----------------------------------------------------------
+    def _new_session(self, session_id: str, ttl: float | None,
+                     options: dict[str, Any]) -> SessionState:
+        if self._closed:
+            raise ClosedError("the box was shut down")
+        check_id(session_id)
+        if ttl is not None:
+            _positive_ttl(ttl)
+        functions = options.pop("functions", None)
+        if functions is not None:
+            HostFunctions(functions)  # validated now, not at the first run
+        self._prepare("", dict(options))  # validates the options now
+        state = SessionState(session_id, ttl, dict(options), functions)
+        with self._sessions_lock:
+            if session_id in self._sessions:
+                raise SessionError(f"session {session_id!r} already exists")
+            if len(self._sessions) >= self._max_sessions:
+                raise SessionError(f"this box already has {self._max_sessions} open sessions "
+                                   "(max_sessions)")
+            self._sessions[session_id] = state
+            if self._sweeper is None:
+                self._sweeper = threading.Thread(target=self._sweep, name="isobox-sessions",
+                                                 daemon=True)
+                self._sweeper.start()
+        return state
+
+    def _lookup(self, session_id: str) -> SessionState:
+        with self._sessions_lock:
+            state = self._sessions.get(session_id)
+        if state is None:
+            raise SessionError(f"no open session {session_id!r} (unknown, closed or expired)")
+        return state
+
+    def _sweep(self) -> None:
+        """Expire sessions whose TTL ran out since their last use (a daemon thread)."""
+        while not self._closed:
+            time.sleep(_SWEEP_EVERY)
+            now = time.monotonic()
+            with self._sessions_lock:
+                due = [s for s in self._sessions.values() if s.due(now)]
+            for state in due:
+                if self._session_end(state, "expired"):
+                    self._events.emit("session:expired", {"id": state.id, "ttl": state.ttl})
+
+    def _session_end(self, state: SessionState, why: str) -> bool:
+        """Drop the session's context (and checkpoint); with ``why``, end the session too.
+        Returns False if it had already ended."""
+        with self._sessions_lock:
+            if state.ended:
+                return False
+            if why:
+                state.ended = why
+                if self._sessions.get(state.id) is state:
+                    del self._sessions[state.id]
+            handle, state.handle = state.handle, None
+            state.engine = None
+            state.checkpoint = None
+            if handle is not None:
+                handle.sessions.discard(state.id)
+                handle.drops.append(state.id)
+        return True
+
+    def _session_info(self, state: SessionState) -> SessionInfo:
+        state.check()
+        handle = state.handle
+        return state.info(handle.pid if handle is not None else None)
+
+    def _pin(self, state: SessionState, request: RunRequest, deadline: float
+             ) -> WorkerHandle:
+        """The worker for the session's next call: its live one, or a new placement that
+        restores the last checkpoint."""
+        pool = self._pool
+        if pool is None:
+            raise RuntimeError("no pool in in-process mode")
+        handle = state.handle
+        if handle is not None and pool.holds(handle):
+            return handle
+        handle = pool.place_session(deadline, self._per_worker)
+        handle.sessions.add(state.id)
+        state.handle = handle
+        if state.checkpoint is not None:
+            request.body["restore_json"] = state.checkpoint
+            request.body["restore_tagged"] = True
+        return handle
+
+    def _session_done(self, state: SessionState, handle: WorkerHandle | None,
+                      reply: dict[str, Any]) -> None:
+        """Keep the checkpoint of a good run; forget a context the worker had to drop."""
+        if isinstance(reply.get("state"), str):
+            state.checkpoint = reply["state"]
+        if reply.get("dropped"):
+            state.engine = None
+            if handle is not None:
+                handle.sessions.discard(state.id)
+                if state.handle is handle:
+                    state.handle = None
+
+
+    def _state_request(self, state: SessionState, new: Mapping[str, Any] | None
+                       ) -> tuple[RunRequest, HostFunctions]:
+        """A request that reads the session's state (after setting ``new``'s globals)."""
+        request, host = self._prepare("", {}, session=state)
+        request.body.pop("globals_json", None)
+        request.body.pop("tagged", None)
+        if new is not None:
+            if not isinstance(new, Mapping) or not all(isinstance(k, str) for k in new):
+                raise TypeError("set_state takes a dict with str keys")
+            text, tagged = values.encode(dict(new), what="state",
+                                         limit=request.options.max_input_size)
+            request.body["globals_json"] = text
+            request.body["tagged"] = tagged
+        return request, host
+
+    def _state_of(self, request: RunRequest, reply: dict[str, Any]) -> dict[str, Any]:
+        kind = str(reply.get("kind", "E"))
+        if kind != "R":
+            raise self._error_for(kind, str(reply.get("payload", "{}")), request)
+        state = values.decode(str(reply.get("payload", "")).partition("\n")[2])
+        return state if isinstance(state, dict) else {}
+
+    def _stream_end(self, request: RunRequest, reply: dict[str, Any], pid: int | None,
+                    started: float) -> None:
+        """Record a stream that ended; raise its error, if it failed."""
+        final = [(str(k), str(m)) for k, m in reply.get("console", [])]
+        if final:
+            sink = self._output_sink(request, [])
+            if sink is not None:
+                sink(final)
+        kind = str(reply.get("kind", "R"))
+        error = None
+        if kind != "R":
+            error = self._error_for(kind, str(reply.get("payload", "{}")), request)
+            error.worker_pid = pid
+        self._record(time.monotonic() - started, float(reply.get("cpu_time", 0.0)),
+                     int(reply.get("memory", 0)), error, pid)
+        if error is not None:
+            raise error
+
+    def _end_all_sessions(self) -> None:
+        with self._sessions_lock:
+            states = list(self._sessions.values())
+        for state in states:
+            self._session_end(state, "closed")
+
+
+def _count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _positive_ttl(ttl: Any) -> None:
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0:
+        raise ValueError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
+
+
+def _stream_limits(window: Any, idle_timeout: Any) -> tuple[int, float | None]:
+    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= 65536:
+        raise ValueError(f"window must be an int between 1 and 65536, got {window!r}")
+    if idle_timeout is not None and (isinstance(idle_timeout, bool)
+                                     or not isinstance(idle_timeout, (int, float))
+                                     or not idle_timeout > 0):
+        raise ValueError(f"idle_timeout must be a positive number of seconds, got "
+                         f"{idle_timeout!r}")
+    return window, None if idle_timeout is None else float(idle_timeout)
 
 
 class IsoBox(_BoxCore):
@@ -262,32 +501,165 @@ class IsoBox(_BoxCore):
 
     def execute(self, code: str, **options: Any) -> ExecutionResult:
         """Run ``code``; return the value with console output, timings and memory."""
-        request = self._prepare(code, options)
-        reply, pid, started, streamed = self._send(request)
+        request, host = self._prepare(code, options)
+        reply, pid, started, streamed = self._send(request, host)
         return self._complete(request, reply, pid, started, streamed)
 
     def validate_code(self, code: str, **options: Any) -> CodeValidation:
         """Parse ``code`` in the sandbox without running it."""
-        request = self._prepare(code, options, validate=True)
-        reply, _pid, _started, _streamed = self._send(request)
+        request, host = self._prepare(code, options, validate=True)
+        reply, _pid, _started, _streamed = self._send(request, host)
         return self._validation(request, reply)
 
-    def _send(self, request: RunRequest
+    def _send(self, request: RunRequest, host: HostFunctions,
+              session: SessionState | None = None, op: str = "run"
               ) -> tuple[dict[str, Any], int | None, float, list[tuple[str, str]]]:
         started = time.monotonic()
         streamed: list[tuple[str, str]] = []
         sink = self._output_sink(request, streamed)
         if self._pool is None:
-            return self._inprocess_reply(request, sink), None, started, streamed
+            reply = self._inprocess_reply(request, sink, host, session, op)
+            if session is not None:
+                self._session_done(session, None, reply)
+            return reply, None, started, streamed
         deadline = started + request.options.timeout
+        kill_at = deadline + _grace(request.options.timeout)
+        if op != "run":
+            request.body["op"] = op
         try:
-            reply, pid = self._pool.run(request.body, deadline=deadline,
-                                        kill_at=deadline + _grace(request.options.timeout),
-                                        on_output=sink)
+            for _attempt in range(3):
+                want = self._pin(session, request, deadline) if session is not None else None
+                try:
+                    reply, handle = self._pool.run(request.body, deadline=deadline,
+                                                   kill_at=kill_at, on_output=sink,
+                                                   host=host or None, want=want)
+                except PinLost:
+                    continue  # the pinned worker left the pool: place the session again
+                if session is not None:
+                    self._session_done(session, handle, reply)
+                return reply, handle.pid, started, streamed
+            raise WorkerCrashedError("the session's worker kept leaving the pool",
+                                     cause="session placement")
         except (TimeoutError, WorkerCrashedError) as exc:
             self._failed(exc, started)
             raise
-        return reply, pid, started, streamed
+
+    def run_stream(self, code: str, *, window: int = 256, idle_timeout: float | None = None,
+                   **options: Any) -> Iterator[Any]:
+        """Stream the values ``code`` yields (top-level ``yield``) or its iterable evaluates
+        to; leaving the loop early stops the generator and frees the worker."""
+        return self._stream(code, options, window, idle_timeout, None)
+
+    def _stream(self, code: str, options: dict[str, Any], window: int,
+                idle_timeout: float | None, session: SessionState | None) -> Iterator[Any]:
+        window, idle_timeout = _stream_limits(window, idle_timeout)
+        request, host = self._prepare(code, options, session=session)
+        if session is not None:
+            session.check()
+        return self._stream_values(request, host, window, idle_timeout, session)
+
+    def _stream_values(self, request: RunRequest, host: HostFunctions, window: int,
+                       idle_timeout: float | None, session: SessionState | None
+                       ) -> Iterator[Any]:
+        started = time.monotonic()
+        streamed: list[tuple[str, str]] = []
+        sink = self._output_sink(request, streamed)
+        if self._pool is None:
+            yield from self._local_stream(request, host, sink, window=window, session=session,
+                                          started=started)
+            return
+        deadline = started + request.options.timeout
+        kill_at = deadline + _grace(request.options.timeout)
+        if session is not None:
+            session.busy += 1
+        stream: PoolStream | None = None
+        try:
+            for _attempt in range(3):
+                want = self._pin(session, request, deadline) if session is not None else None
+                try:
+                    stream = open_stream(self._pool, request.body, deadline=deadline,
+                                         kill_at=kill_at, on_output=sink, host=host or None,
+                                         want=want, window=window, idle_timeout=idle_timeout)
+                    break
+                except PinLost:
+                    continue
+            if stream is None:
+                raise WorkerCrashedError("the session's worker kept leaving the pool",
+                                         cause="session placement")
+            while (batch := stream.next_batch()) is not None:
+                for value in values.decode(batch[0]):
+                    yield value
+                    stream.consumed(1)
+            reply = stream.result or {}
+            if session is not None:
+                self._session_done(session, None, reply)
+            self._stream_end(request, reply, stream.pid, started)
+        except (TimeoutError, WorkerCrashedError) as exc:
+            self._failed(exc, started)
+            raise
+        finally:
+            if stream is not None and stream.result is None:
+                stream.close()
+            if session is not None:
+                session.busy -= 1
+                session.touch()
+
+    def _local_stream(self, request: RunRequest, host: HostFunctions, sink: Any, *,
+                      window: int, session: SessionState | None, started: float
+                      ) -> Iterator[Any]:
+        spec = dataclasses.replace(self._local_spec(request), stream=True)
+        if session is not None:
+            if session.engine is None:
+                session.engine = Engine()
+            engine = session.engine
+        else:
+            engine = Engine()
+        stream = engine.open_stream(spec, _LocalIO(sink, host))
+        try:
+            while not stream.done:
+                items, _count = stream.pump(window)
+                yield from values.decode(items)
+        finally:
+            stream.close()
+        self._stream_end(request, reply_body(stream.outcome) if stream.outcome else {},
+                         None, started)
+
+    # -- sessions --------------------------------------------------------------------------
+    def create_session(self, session_id: str, *, ttl: float | None = 600.0,
+                       **options: Any) -> Session:
+        """A new session: one live context, kept between runs (see README: Sessions)."""
+        return Session(self, self._new_session(session_id, ttl, options))
+
+    def get_session(self, session_id: str) -> Session:
+        """The open session ``session_id``; :class:`SessionError` if unknown or ended."""
+        return Session(self, self._lookup(session_id))
+
+    def _session_execute(self, state: SessionState, code: str, options: dict[str, Any]
+                         ) -> ExecutionResult:
+        with state.lock:
+            state.check()
+            state.busy += 1
+            try:
+                request, host = self._prepare(code, options, session=state)
+                reply, pid, started, streamed = self._send(request, host, state)
+                state.execution_count += 1
+                return self._complete(request, reply, pid, started, streamed)
+            finally:
+                state.busy -= 1
+                state.touch()
+
+    def _session_state(self, state: SessionState, new: Mapping[str, Any] | None
+                       ) -> dict[str, Any]:
+        with state.lock:
+            state.check()
+            state.busy += 1
+            try:
+                request, host = self._state_request(state, new)
+                reply, _pid, _started, _streamed = self._send(request, host, state, "state")
+                return self._state_of(request, reply)
+            finally:
+                state.busy -= 1
+                state.touch()
 
     def pool_stats(self) -> PoolStats:
         """Per-worker figures (rss, uss, cpu) and pool counts."""
@@ -300,6 +672,7 @@ class IsoBox(_BoxCore):
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop every worker and the fork server; later runs raise :class:`ClosedError`."""
         self._closed = True
+        self._end_all_sessions()
         if self._pool is not None:
             self._pool.shutdown(timeout)
             self._finalizer.detach()
@@ -324,33 +697,180 @@ class AsyncIsoBox(_BoxCore):
 
     async def execute(self, code: str, **options: Any) -> ExecutionResult:
         """Run ``code``; return the value with console output, timings and memory."""
-        request = self._prepare(code, options)
-        reply, pid, started, streamed = await self._send(request)
+        request, host = self._prepare(code, options)
+        reply, pid, started, streamed = await self._send(request, host)
         return self._complete(request, reply, pid, started, streamed)
 
     async def validate_code(self, code: str, **options: Any) -> CodeValidation:
         """Parse ``code`` in the sandbox without running it."""
-        request = self._prepare(code, options, validate=True)
-        reply, _pid, _started, _streamed = await self._send(request)
+        request, host = self._prepare(code, options, validate=True)
+        reply, _pid, _started, _streamed = await self._send(request, host)
         return self._validation(request, reply)
 
-    async def _send(self, request: RunRequest
+    async def _send(self, request: RunRequest, host: HostFunctions,
+                    session: SessionState | None = None, op: str = "run"
                     ) -> tuple[dict[str, Any], int | None, float, list[tuple[str, str]]]:
         started = time.monotonic()
         streamed: list[tuple[str, str]] = []
         sink = self._output_sink(request, streamed)
         if self._pool is None:
-            reply = await asyncio.to_thread(self._inprocess_reply, request, sink)
+            reply = await asyncio.to_thread(self._inprocess_reply, request, sink, host,
+                                            session, op)
+            if session is not None:
+                self._session_done(session, None, reply)
             return reply, None, started, streamed
         deadline = started + request.options.timeout
+        kill_at = deadline + _grace(request.options.timeout)
+        if op != "run":
+            request.body["op"] = op
         try:
-            reply, pid = await self._pool.run_async(
-                request.body, deadline=deadline,
-                kill_at=deadline + _grace(request.options.timeout), on_output=sink)
+            for _attempt in range(3):
+                want = (await asyncio.to_thread(self._pin, session, request, deadline)
+                        if session is not None else None)
+                try:
+                    reply, handle = await self._pool.run_async(
+                        request.body, deadline=deadline, kill_at=kill_at, on_output=sink,
+                        host=host or None, want=want)
+                except PinLost:
+                    continue
+                if session is not None:
+                    self._session_done(session, handle, reply)
+                return reply, handle.pid, started, streamed
+            raise WorkerCrashedError("the session's worker kept leaving the pool",
+                                     cause="session placement")
         except (TimeoutError, WorkerCrashedError) as exc:
             self._failed(exc, started)
             raise
-        return reply, pid, started, streamed
+
+    def run_stream(self, code: str, *, window: int = 256, idle_timeout: float | None = None,
+                   **options: Any) -> AsyncIterator[Any]:
+        """Stream the values ``code`` yields (an async iterator); leaving the loop early,
+        ``aclose()`` or cancelling the task stops the generator and frees the worker."""
+        return self._stream(code, options, window, idle_timeout, None)
+
+    def _stream(self, code: str, options: dict[str, Any], window: int,
+                idle_timeout: float | None, session: SessionState | None
+                ) -> AsyncIterator[Any]:
+        window, idle_timeout = _stream_limits(window, idle_timeout)
+        request, host = self._prepare(code, options, session=session)
+        if session is not None:
+            session.check()
+        return self._stream_values(request, host, window, idle_timeout, session)
+
+    async def _stream_values(self, request: RunRequest, host: HostFunctions, window: int,
+                             idle_timeout: float | None, session: SessionState | None
+                             ) -> AsyncIterator[Any]:
+        started = time.monotonic()
+        streamed: list[tuple[str, str]] = []
+        sink = self._output_sink(request, streamed)
+        if self._pool is None:
+            async for value in self._local_stream(request, host, sink, window=window,
+                                                  session=session, started=started):
+                yield value
+            return
+        if session is not None:
+            session.busy += 1
+        stream: PoolStream | None = None
+        try:
+            stream = await self._open_stream(request, host, sink, session, window=window,
+                                             idle_timeout=idle_timeout)
+            while (batch := await stream.anext_batch()) is not None:
+                for value in values.decode(batch[0]):
+                    yield value
+                    await stream.aconsumed(1)
+            reply = stream.result or {}
+            if session is not None:
+                self._session_done(session, None, reply)
+            self._stream_end(request, reply, stream.pid, started)
+        except (TimeoutError, WorkerCrashedError) as exc:
+            self._failed(exc, started)
+            raise
+        finally:
+            if stream is not None and stream.result is None:
+                await stream.aclose()
+            if session is not None:
+                session.busy -= 1
+                session.touch()
+
+    async def _open_stream(self, request: RunRequest, host: HostFunctions, sink: Any,
+                           session: SessionState | None, *, window: int,
+                           idle_timeout: float | None) -> PoolStream:
+        pool = self._pool
+        if pool is None:
+            raise RuntimeError("no pool in in-process mode")
+        started = time.monotonic()
+        deadline = started + request.options.timeout
+        kill_at = deadline + _grace(request.options.timeout)
+        for _attempt in range(3):
+            want = (await asyncio.to_thread(self._pin, session, request, deadline)
+                    if session is not None else None)
+            try:
+                return await open_stream_async(
+                    pool, request.body, deadline=deadline, kill_at=kill_at, on_output=sink,
+                    host=host or None, want=want, window=window, idle_timeout=idle_timeout)
+            except PinLost:
+                continue
+        raise WorkerCrashedError("the session's worker kept leaving the pool",
+                                 cause="session placement")
+
+    async def _local_stream(self, request: RunRequest, host: HostFunctions, sink: Any, *,
+                            window: int, session: SessionState | None, started: float
+                            ) -> AsyncIterator[Any]:
+        spec = dataclasses.replace(self._local_spec(request), stream=True)
+        if session is not None:
+            if session.engine is None:
+                session.engine = Engine()
+            engine = session.engine
+        else:
+            engine = Engine()
+        stream = await asyncio.to_thread(engine.open_stream, spec, _LocalIO(sink, host))
+        try:
+            while not stream.done:
+                items, _count = await asyncio.to_thread(stream.pump, window)
+                for value in values.decode(items):
+                    yield value
+        finally:
+            await asyncio.to_thread(stream.close)
+        self._stream_end(request, reply_body(stream.outcome) if stream.outcome else {},
+                         None, started)
+
+    # -- sessions --------------------------------------------------------------------------
+    async def create_session(self, session_id: str, *, ttl: float | None = 600.0,
+                             **options: Any) -> AsyncSession:
+        """A new session: one live context, kept between runs (see README: Sessions)."""
+        return AsyncSession(self, self._new_session(session_id, ttl, options))
+
+    async def get_session(self, session_id: str) -> AsyncSession:
+        """The open session ``session_id``; :class:`SessionError` if unknown or ended."""
+        return AsyncSession(self, self._lookup(session_id))
+
+    async def _session_execute(self, state: SessionState, code: str,
+                               options: dict[str, Any]) -> ExecutionResult:
+        async with state.async_lock():
+            state.check()
+            state.busy += 1
+            try:
+                request, host = self._prepare(code, options, session=state)
+                reply, pid, started, streamed = await self._send(request, host, state)
+                state.execution_count += 1
+                return self._complete(request, reply, pid, started, streamed)
+            finally:
+                state.busy -= 1
+                state.touch()
+
+    async def _session_state(self, state: SessionState, new: Mapping[str, Any] | None
+                             ) -> dict[str, Any]:
+        async with state.async_lock():
+            state.check()
+            state.busy += 1
+            try:
+                request, host = self._state_request(state, new)
+                reply, _pid, _started, _streamed = await self._send(request, host, state,
+                                                                    "state")
+                return self._state_of(request, reply)
+            finally:
+                state.busy -= 1
+                state.touch()
 
     async def pool_stats(self) -> PoolStats:
         """Per-worker figures (rss, uss, cpu) and pool counts."""
@@ -364,6 +884,7 @@ class AsyncIsoBox(_BoxCore):
     async def shutdown(self, timeout: float = 5.0) -> None:
         """Stop every worker and the fork server; later runs raise :class:`ClosedError`."""
         self._closed = True
+        self._end_all_sessions()
         if self._pool is not None:
             await asyncio.to_thread(self._pool.shutdown, timeout)
             self._finalizer.detach()

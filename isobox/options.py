@@ -74,6 +74,8 @@ class BoxOptions:
     max_result_size: int = 32 * MIB
     max_console_size: int = 1 * MIB
     max_error_size: int = 64 * 2**10
+    max_timers: int = 1000
+    max_host_calls: int = 100_000
 
     def __post_init__(self) -> None:
         _positive("timeout", self.timeout)
@@ -92,6 +94,10 @@ class BoxOptions:
             _size(name, getattr(self, name), 64, MAX_VALUE)
         for name in ("max_console_size", "max_error_size"):
             _size(name, getattr(self, name), 64, MAX_VALUE)
+        for name in ("max_timers", "max_host_calls"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
 
     @property
     def effective_cpu_timeout(self) -> float:
@@ -111,6 +117,7 @@ class BoxOptions:
 
 RUN_OVERRIDES = frozenset({
     "sandbox", "timeout", "cpu_timeout", "memory_limit", "stack_limit", "on_output", "console",
+    "max_timers", "max_host_calls",
 })
 
 
@@ -145,7 +152,12 @@ def build_request(code: str, options: BoxOptions, filename: str | None = None,
         "max_result": options.max_result_size,
         "max_console": options.max_console_size,
         "max_error": options.max_error_size,
+        "wall_timeout": options.timeout,
     }
+    if options.max_timers != 1000:
+        body["max_timers"] = options.max_timers
+    if options.max_host_calls != 100_000:
+        body["max_host_calls"] = options.max_host_calls
     if validate:
         body["validate"] = True
     if options.sandbox:

@@ -6,8 +6,13 @@
 
     supervisor                         worker
         | <------------- READY -------------- |   once, after start-up and confinement
-        | -------------- RUN ---------------> |
+        | -------------- RUN ---------------> |   body "op": run | stream | state | drop
         | <------------- OUTPUT ------------- |   zero or more, while the run goes on
+        | <------------- CALL --------------- |   a host function call {"cid", "name", "args"}
+        | -------------- REPLY -------------> |   its answer {"cid", "reply"}
+        | <------------- ITEMS -------------- |   stream values {"items", "n"}, within credit
+        | -------------- CREDIT ------------> |   the consumer took {"n"} more values
+        | -------------- CANCEL ------------> |   the consumer left: run return(), then RESULT
         | <------------- RESULT | ERROR ----- |   exactly one per RUN
         | -------------- PING --------------> |
         | <------------- PONG --------------- |
@@ -68,6 +73,11 @@ class MsgType(enum.IntEnum):
     SPAWN = 9  # supervisor -> fork server, with the worker's channel fd attached
     SPAWNED = 10  # fork server -> supervisor: {"pid"}, with a pidfd attached
     EXITED = 11  # fork server -> supervisor: {"pid", "status"} once it reaped a worker
+    CALL = 12  # worker -> supervisor: a host function call
+    REPLY = 13  # supervisor -> worker: a host function's answer
+    ITEMS = 14  # worker -> supervisor: a batch of stream values
+    CREDIT = 15  # supervisor -> worker: room for more stream values
+    CANCEL = 16  # supervisor -> worker: stop the stream
 
 
 @dataclass(frozen=True, slots=True)

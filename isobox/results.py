@@ -11,6 +11,7 @@ __all__ = [
     "ExecutionResult",
     "GlobalMetrics",
     "PoolStats",
+    "SessionInfo",
     "WorkerStats",
 ]
 
@@ -88,3 +89,15 @@ class CodeValidation:
 
     valid: bool
     error: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """One session: wall-clock times (``time.time()``), runs so far, TTL and its worker."""
+
+    id: str
+    created_at: float
+    last_used: float
+    execution_count: int
+    ttl: float | None
+    worker_pid: int | None

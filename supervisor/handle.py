@@ -46,6 +46,8 @@ class WorkerHandle:
         self.last_used = time.monotonic()
         self.kill_reason = ""
         self.exited = False  # set by the maintainer once the pidfd reports the process gone
+        self.sessions: set[str] = set()  # sessions whose live context this worker holds
+        self.drops: list[str] = []  # sessions to free with the next request
         self._frames: deque[Frame] = deque()
         self._buf = bytearray(_RECV)
         self._pollers: dict[int, select.poll] = {}

@@ -29,12 +29,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from isobox.errors import (
     ClosedError,
     IsoBoxError,
     SerializationError,
+    SessionError,
     TimeoutError,
     WorkerCrashedError,
     describe_death,
@@ -45,7 +46,7 @@ from isobox.supervisor.handle import ChannelClosed, WorkerHandle
 from isobox.supervisor.policy import Backoff, CrashLoopBreaker, classify_exit, jittered_max_runs
 from isobox.supervisor.zygote import ZygoteClient
 
-__all__ = ["Pool", "PoolConfig"]
+__all__ = ["HostCaller", "PinLost", "Pool", "PoolConfig"]
 
 Emit = Callable[[str, dict[str, Any]], None]
 OnOutput = Callable[[list[tuple[str, str]]], None]
@@ -63,10 +64,24 @@ class PoolConfig:
     start_timeout: float = 10.0
 
 
+class PinLost(Exception):
+    """A session's pinned worker left the pool: place the session on another worker."""
+
+
+class HostCaller(Protocol):
+    """Answers a worker's host-function calls (see :class:`isobox.host.HostFunctions`)."""
+
+    def call(self, name: str, args: str) -> str: ...
+
+    async def acall(self, name: str, args: str) -> str: ...
+
+
 class _Waiter:
     """One run waiting for a worker: a thread (Event) or a task (Future)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None,
+                 want: WorkerHandle | None = None) -> None:
+        self.want = want  # a session's pinned worker, or None for any
         self.handle: WorkerHandle | None = None
         self.error: BaseException | None = None
         self.event = threading.Event()
@@ -96,6 +111,7 @@ class Pool:
         self._idle: deque[WorkerHandle] = deque()
         self._waiters: deque[_Waiter] = deque()
         self._spawning = 0
+        self._session_workers = 0  # workers sessions need (placement grows the pool to it)
         self._closed = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -178,13 +194,21 @@ class Pool:
 
     # -- acquire and release ---------------------------------------------------------------
     def _take_or_wait(
-        self, loop: asyncio.AbstractEventLoop | None = None
+        self, loop: asyncio.AbstractEventLoop | None = None, want: WorkerHandle | None = None
     ) -> WorkerHandle | _Waiter:
-        """An idle worker at once, or a new waiter queued FIFO (built only when needed)."""
+        """An idle worker at once, or a new waiter queued FIFO (built only when needed).
+        With ``want``, only that worker will do (a session's); :class:`PinLost` if it is gone."""
         with self._lock:
             if self._closed:
                 raise ClosedError("the box was shut down")
-            if self._idle:
+            if want is not None:
+                if self._handles.get(want.pid) is not want or want.exited:
+                    raise PinLost
+                if want in self._idle:
+                    self._idle.remove(want)
+                    want.state = "busy"
+                    return want
+            elif self._idle:
                 handle = self._idle.popleft()
                 handle.state = "busy"
                 return handle
@@ -196,7 +220,7 @@ class Pool:
                     "workers keep crashing (crash-loop breaker open); not respawning for now",
                     cause="crash loop",
                 )
-            waiter = _Waiter(loop)
+            waiter = _Waiter(loop, want)
             self._waiters.append(waiter)
         self._poke()
         return waiter
@@ -209,9 +233,9 @@ class Pool:
                     self._waiters.remove(waiter)
             return waiter.handle
 
-    def acquire(self, deadline: float) -> WorkerHandle:
-        """An idle worker for this thread, waiting FIFO until ``deadline``."""
-        waiter = self._take_or_wait()
+    def acquire(self, deadline: float, want: WorkerHandle | None = None) -> WorkerHandle:
+        """An idle worker for this thread (``want``: that one), waiting FIFO until ``deadline``."""
+        waiter = self._take_or_wait(None, want)
         if isinstance(waiter, WorkerHandle):
             return waiter
         try:
@@ -223,9 +247,10 @@ class Pool:
             raise
         return self._after_wait(waiter)
 
-    async def acquire_async(self, deadline: float) -> WorkerHandle:
-        """An idle worker for this task, waiting FIFO until ``deadline``."""
-        waiter = self._take_or_wait(asyncio.get_running_loop())
+    async def acquire_async(self, deadline: float,
+                            want: WorkerHandle | None = None) -> WorkerHandle:
+        """An idle worker for this task (``want``: that one), waiting FIFO until ``deadline``."""
+        waiter = self._take_or_wait(asyncio.get_running_loop(), want)
         if isinstance(waiter, WorkerHandle):
             return waiter
         if waiter.future is None:
@@ -249,13 +274,22 @@ class Pool:
             raise waiter.error
         raise TimeoutError("no worker became free before the deadline", kind="wall")
 
+    def _next_waiter(self, handle: WorkerHandle) -> _Waiter | None:
+        """The waiter ``handle`` should go to: one pinned to it first, else the oldest free."""
+        chosen = next((w for w in self._waiters if w.want is handle), None)
+        if chosen is None:
+            chosen = next((w for w in self._waiters if w.want is None), None)
+        if chosen is not None:
+            self._waiters.remove(chosen)
+        return chosen
+
     def _offer(self, handle: WorkerHandle) -> None:
         """Give a ready worker to the oldest waiter, or park it idle."""
         with self._lock:
+            waiter = None if self._closed else self._next_waiter(handle)
             if self._closed:
                 handle.state = "stopping"
-            elif self._waiters:
-                waiter = self._waiters.popleft()
+            elif waiter is not None:
                 handle.state = "busy"
                 waiter.handle = handle
                 waiter.wake()
@@ -273,7 +307,8 @@ class Pool:
         """A run finished cleanly on ``handle``: recycle it at max_runs, else offer it."""
         handle.runs += 1
         self._backoff.succeeded()
-        if handle.max_runs is not None and handle.runs >= handle.max_runs:
+        # A worker that hosts sessions is not recycled: that would cost them their closures.
+        if handle.max_runs is not None and handle.runs >= handle.max_runs and not handle.sessions:
             self._retire(handle, "max_runs reached", expected=True)
             self._stop_one(handle)
             return
@@ -289,6 +324,11 @@ class Pool:
             known = self._handles.pop(handle.pid, None) is not None
             with contextlib.suppress(ValueError):
                 self._idle.remove(handle)
+            pinned = [w for w in self._waiters if w.want is handle]
+            for waiter in pinned:  # sessions waiting for this worker must move elsewhere
+                self._waiters.remove(waiter)
+                waiter.error = PinLost()
+                waiter.wake()
             if known:
                 self.restarts += 1
             if not expected:
@@ -328,16 +368,19 @@ class Pool:
 
     # -- one run ---------------------------------------------------------------------------
     def run(self, body: dict[str, Any], *, deadline: float, kill_at: float,
-            on_output: OnOutput | None) -> tuple[dict[str, Any], int]:
-        """Run one request on a worker from this thread; returns the RESULT body and the pid.
+            on_output: OnOutput | None, host: HostCaller | None = None,
+            want: WorkerHandle | None = None) -> tuple[dict[str, Any], WorkerHandle]:
+        """Run one request on a worker from this thread; returns the RESULT body and the
+        worker it ran on.
 
         ``deadline`` bounds the wait for a worker; past ``kill_at`` the worker is SIGKILLed
-        (the wall-clock watchdog) and :class:`TimeoutError` is raised.
+        (the wall-clock watchdog) and :class:`TimeoutError` is raised. ``want`` pins the run
+        to a session's worker. Host-function calls are answered by ``host`` on this thread.
         """
         rid = next(self._rids)
-        frame = _request_frame(rid, body)
         for attempt in (1, 2):
-            handle = self.acquire(deadline)
+            handle = self.acquire(deadline, want)
+            frame = self.request_frame(rid, handle, body)
             try:
                 handle.send(frame, kill_at)
             except builtins.TimeoutError:
@@ -345,26 +388,79 @@ class Pool:
             except ChannelClosed:
                 # It died before it could read the request: nothing ran, so try another worker.
                 error = self.crash_error(handle, "before the run started")
-                if attempt == 2:
+                if attempt == 2 or want is not None:
                     raise error from None
                 continue
             except BaseException:
                 self._kill_and_drop(handle, "the run was interrupted")
                 raise
-            reply = self._await_reply(handle, rid, kill_at, on_output)
-            return self._finish(handle, reply), handle.pid
+            reply = self._await_reply(handle, rid, kill_at, on_output, host)
+            return self._finish(handle, reply), handle
         raise AssertionError("unreachable")
 
+    def holds(self, handle: WorkerHandle) -> bool:
+        """Whether ``handle`` is still one of the pool's live workers."""
+        with self._lock:
+            return self._handles.get(handle.pid) is handle and not handle.exited
+
+    def next_rid(self) -> int:
+        """A fresh request id (unique per pool)."""
+        return next(self._rids)
+
+    def request_frame(self, rid: int, handle: WorkerHandle, body: dict[str, Any]) -> bytes:
+        """The RUN frame of ``body`` for the just-acquired ``handle``, with its pending session
+        drops; if the request cannot be encoded, the worker goes back to the pool."""
+        drops = handle.drops
+        try:
+            frame = _request_frame(rid, {**body, "drop": drops} if drops else body)
+        except BaseException:
+            self._offer(handle)
+            raise
+        handle.drops = []
+        return frame
+
+    def place_session(self, deadline: float, per_worker: int) -> WorkerHandle:
+        """The live worker with the fewest sessions and room for one more; grows the pool
+        (up to ``max``) when every worker is full. Raises SessionError when none has room."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise ClosedError("the box was shut down")
+                live = [h for h in self._handles.values() if h.state != "starting"
+                        and not h.exited]
+                roomy = [h for h in live if len(h.sessions) < per_worker]
+                if roomy:
+                    return min(roomy, key=lambda h: len(h.sessions))
+                full = len(live) >= self.config.max
+                if not full:
+                    self._session_workers = len(live) + 1
+            if full:
+                raise SessionError(f"every worker already holds {per_worker} sessions "
+                                   f"(pool max {self.config.max}); close some sessions")
+            self._poke()
+            with self._ready:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("no worker could host the session before the deadline",
+                                       kind="wall")
+                self._ready.wait(min(left, 0.05))
+
     def _await_reply(self, handle: WorkerHandle, rid: int, kill_at: float,
-                     on_output: OnOutput | None) -> dict[str, Any]:
+                     on_output: OnOutput | None, host: HostCaller | None) -> dict[str, Any]:
         try:
             while True:
                 frame = handle.recv(kill_at)
                 if frame is None:
                     raise self._wall_timeout(handle)
+                if frame.type is MsgType.CALL:
+                    answer = answer_call(frame, rid, host.call if host else None)
+                    handle.send(answer, kill_at)
+                    continue
                 reply = read_reply(frame, rid, on_output)
                 if reply is not None:
                     return reply
+        except builtins.TimeoutError:
+            raise self._wall_timeout(handle) from None
         except (ChannelClosed, ProtocolError) as exc:
             raise self._lost(handle, exc) from None
         except (TimeoutError, WorkerCrashedError):
@@ -374,12 +470,13 @@ class Pool:
             raise
 
     async def run_async(self, body: dict[str, Any], *, deadline: float, kill_at: float,
-                        on_output: OnOutput | None) -> tuple[dict[str, Any], int]:
+                        on_output: OnOutput | None, host: HostCaller | None = None,
+                        want: WorkerHandle | None = None) -> tuple[dict[str, Any], WorkerHandle]:
         """The asyncio twin of :meth:`run`; cancelling it kills the worker it ran on."""
         rid = next(self._rids)
-        frame = _request_frame(rid, body)
         for attempt in (1, 2):
-            handle = await self.acquire_async(deadline)
+            handle = await self.acquire_async(deadline, want)
+            frame = self.request_frame(rid, handle, body)
             try:
                 async with asyncio.timeout_at(_loop_time(kill_at)):
                     await handle.asend(frame)
@@ -387,22 +484,28 @@ class Pool:
                 raise self._wall_timeout(handle) from None
             except ChannelClosed:
                 error = self.crash_error(handle, "before the run started")
-                if attempt == 2:
+                if attempt == 2 or want is not None:
                     raise error from None
                 continue
             except BaseException:
                 self._kill_and_drop(handle, "the run was cancelled")
                 raise
-            reply = await self._await_reply_async(handle, rid, kill_at, on_output)
-            return self._finish(handle, reply), handle.pid
+            reply = await self._await_reply_async(handle, rid, kill_at, on_output, host)
+            return self._finish(handle, reply), handle
         raise AssertionError("unreachable")
 
     async def _await_reply_async(self, handle: WorkerHandle, rid: int, kill_at: float,
-                                 on_output: OnOutput | None) -> dict[str, Any]:
+                                 on_output: OnOutput | None,
+                                 host: HostCaller | None) -> dict[str, Any]:
+        calls = _AsyncCalls(handle, rid, host)
         try:
             async with asyncio.timeout_at(_loop_time(kill_at)):
                 while True:
-                    reply = read_reply(await handle.arecv(), rid, on_output)
+                    frame = await handle.arecv()
+                    if frame.type is MsgType.CALL:
+                        await calls.start(frame)
+                        continue
+                    reply = read_reply(frame, rid, on_output)
                     if reply is not None:
                         return reply
         except builtins.TimeoutError:
@@ -412,6 +515,8 @@ class Pool:
         except BaseException:
             self._kill_and_drop(handle, "the run was cancelled")
             raise
+        finally:
+            calls.cancel()
 
     def _lost(self, handle: WorkerHandle, exc: ChannelClosed | ProtocolError) -> IsoBoxError:
         """The error for a run whose channel closed or carried a bad frame (which kills it)."""
@@ -449,7 +554,9 @@ class Pool:
             if self._closed or self._breaker.is_open(time.monotonic()):
                 return 0
             busy = len(self._handles) - len(self._idle)
-            target = min(self.config.max, max(self.config.min, busy + len(self._waiters)))
+            free = sum(1 for w in self._waiters if w.want is None)
+            target = min(self.config.max, max(self.config.min, busy + free,
+                                              self._session_workers))
             return target - len(self._handles) - self._spawning
 
     def _maintain(self) -> None:
@@ -497,7 +604,8 @@ class Pool:
         now = time.monotonic()
         with self._lock:
             extra = len(self._handles) - self.config.min
-            old = [h for h in self._idle if now - h.last_used > self.config.idle_timeout]
+            old = [h for h in self._idle
+                   if now - h.last_used > self.config.idle_timeout and not h.sessions]
             stale = old[: max(0, extra)]
             for handle in stale:
                 self._idle.remove(handle)
@@ -600,3 +708,55 @@ def read_reply(frame: Frame, request_id: int, on_output: OnOutput | None) -> dic
     if frame.type is MsgType.RESULT:
         return frame.body
     raise ProtocolError(f"unexpected {frame.type.name} frame during a run")
+
+
+def parse_call(frame: Frame, request_id: int) -> tuple[int, str, str]:
+    """Sans-IO check of a worker's CALL: ``(cid, name, args)``; a bad one kills the channel."""
+    if frame.request_id != request_id:
+        raise ProtocolError(f"call for request {frame.request_id}, expected {request_id}")
+    cid, name, args = frame.body.get("cid"), frame.body.get("name"), frame.body.get("args")
+    if type(cid) is not int or not isinstance(name, str) or not isinstance(args, str):
+        raise ProtocolError("malformed CALL frame")
+    return cid, name, args
+
+
+_NO_HOST = 'e{"message": "no host functions are available in this run"}'
+
+
+def answer_call(frame: Frame, request_id: int, call: Callable[[str, str], str] | None) -> bytes:
+    """The REPLY frame for a worker's CALL, computed by ``call`` on this thread."""
+    cid, name, args = parse_call(frame, request_id)
+    reply = call(name, args) if call is not None else _NO_HOST
+    return encode_frame(MsgType.REPLY, request_id, {"cid": cid, "reply": reply})
+
+
+class _AsyncCalls:
+    """Host calls of one async run: sync ones are answered in order; async ones run as tasks
+    so a script's ``Promise.all`` over host calls overlaps them. Replies share one send lock."""
+
+    def __init__(self, handle: WorkerHandle, rid: int, host: HostCaller | None) -> None:
+        self.handle = handle
+        self.rid = rid
+        self.host = host
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.lock = asyncio.Lock()
+
+    async def start(self, frame: Frame) -> None:
+        cid, name, args = parse_call(frame, self.rid)
+        if frame.body.get("sync", True):
+            await self._answer(cid, name, args)
+            return
+        task = asyncio.get_running_loop().create_task(self._answer(cid, name, args))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _answer(self, cid: int, name: str, args: str) -> None:
+        reply = await self.host.acall(name, args) if self.host is not None else _NO_HOST
+        answer = encode_frame(MsgType.REPLY, self.rid, {"cid": cid, "reply": reply})
+        async with self.lock:
+            with contextlib.suppress(ChannelClosed, OSError):
+                await self.handle.asend(answer)
+
+    def cancel(self) -> None:
+        for task in self.tasks:
+            task.cancel()

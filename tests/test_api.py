@@ -19,7 +19,7 @@ PUBLIC = {
     "AsyncIsoBox", "ClosedError", "CodeValidation", "CompileError", "ExecutionMetrics",
     "ExecutionResult", "GlobalMetrics", "IsoBox", "IsoBoxError", "MemoryLimitError",
     "PoolStats", "ScriptError", "SecurityError", "SerializationError", "SessionError",
-    "TimeoutError", "WorkerCrashedError", "WorkerStats",
+    "TimeoutError", "WorkerCrashedError", "WorkerStats", "Session", "AsyncSession", "SessionInfo",
 }
 
 
@@ -47,15 +47,19 @@ def test_error_tree() -> None:
     assert issubclass(isobox.TimeoutError, TimeoutError)
 
 
-def test_sync_and_async_twins_mirror_each_other() -> None:
-    """Every public method of IsoBox exists on AsyncIsoBox (awaitable) with the same parameters."""
+@pytest.mark.parametrize(("sync_cls", "async_cls"), [
+    (IsoBox, AsyncIsoBox), (isobox.Session, isobox.AsyncSession)])
+def test_sync_and_async_twins_mirror_each_other(sync_cls: type, async_cls: type) -> None:
+    """Every public method of a sync class exists on its async twin (awaitable, or an async
+    iterator for run_stream) with the same parameters."""
     def methods(cls: type) -> dict[str, Any]:
         return {n: m for n, m in inspect.getmembers(cls) if not n.startswith("_") and callable(m)}
-    sync, asyn = methods(IsoBox), methods(AsyncIsoBox)
+    sync, asyn = methods(sync_cls), methods(async_cls)
     assert set(sync) == set(asyn)
     for name, method in sync.items():
-        assert inspect.signature(method) == inspect.signature(asyn[name]), name
-        if name not in ("on", "off", "get_metrics", "get_history"):
+        params = list(inspect.signature(method).parameters.values())
+        assert params == list(inspect.signature(asyn[name]).parameters.values()), name
+        if name not in ("on", "off", "get_metrics", "get_history", "run_stream"):
             assert inspect.iscoroutinefunction(asyn[name]), name
 
 
@@ -107,7 +111,7 @@ def test_bad_run_options_fail_fast(box: IsoBox) -> None:
 
 def test_not_yet_available_options_say_so() -> None:
     """Options of later releases raise a clear IsoBoxError instead of being ignored."""
-    for name in ("filesystem", "require", "functions"):
+    for name in ("filesystem", "require"):
         with pytest.raises(isobox.IsoBoxError, match="not available yet"):
             IsoBox(mode="inprocess", **{name: {"x": 1}})
     with pytest.raises(isobox.IsoBoxError, match="remote mode"):

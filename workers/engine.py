@@ -312,11 +312,11 @@ class Engine:
             self.prepare()
             if self._ready is None:
                 raise RuntimeError("engine has no prepared context")
-            jc = self._spent = self._ready
-            self._ready = None
+            jc = self._ready
+            self._spent, self._ready = jc, None
             return jc
-        jc = self._sessions.get(spec.session)
-        if jc is None:
+        found = self._sessions.get(spec.session)
+        if found is None:
             if len(self._sessions) >= MAX_SESSIONS:
                 raise _TooManySessions
             jc = JsContext()
@@ -326,10 +326,11 @@ class Engine:
             if spec.restore_json is not None:  # a checkpoint from a worker that died
                 restore = replace(spec, globals_json=spec.restore_json, tagged=spec.restore_tagged,
                                   functions=None, stream=False, env_json=None)
+                drive = _Drive(self, jc, restore, EngineIO())
                 with contextlib.suppress(Exception):
-                    _Drive(self, jc, restore, EngineIO()).call("setup", _Drive(
-                        self, jc, restore, EngineIO()).request())
-        return jc
+                    drive.call("setup", drive.request())
+            return jc
+        return found
 
     def drop_session(self, sid: str) -> bool:
         """Free a session's context; True if it existed."""

@@ -1,0 +1,269 @@
+"""The supervisor's side of one stream: batches in, credit out, cancel on early exit.
+
+::
+
+    consumer ── next_batch() ──▶ ITEMS* / OUTPUT* / CALL* ... RESULT   (from the worker)
+             ── consumed(n) ───▶ CREDIT n  (every quarter window)     (to the worker)
+             ── close() ───────▶ CANCEL, then RESULT within a grace, else SIGKILL
+
+Flow control is by credit: the worker starts with ``window`` and sends at most that many values
+that the consumer has not taken, so a slow consumer pauses an infinite producer. Sync and async
+twins share every decision (:meth:`PoolStream._on_frame`); they differ only in how they wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from isobox.errors import TimeoutError
+from isobox.protocol import Frame, MsgType, ProtocolError, encode_frame
+from isobox.supervisor.handle import ChannelClosed, WorkerHandle
+from isobox.supervisor.pool import HostCaller, OnOutput, answer_call, read_reply
+
+if TYPE_CHECKING:
+    from isobox.supervisor.pool import Pool
+
+__all__ = ["PoolStream", "open_stream", "open_stream_async"]
+
+CANCEL_GRACE = 0.5  # how long close() waits for return() to run before killing the worker
+
+
+class PoolStream:
+    """One stream running on ``handle`` (already sent); owned by one consumer."""
+
+    def __init__(self, pool: Pool, handle: WorkerHandle, rid: int, *, kill_at: float,
+                 on_output: OnOutput | None, host: HostCaller | None, window: int,
+                 idle_timeout: float | None) -> None:
+        self.pool = pool
+        self.handle: WorkerHandle | None = handle
+        self.rid = rid
+        self.kill_at = kill_at
+        self.on_output = on_output
+        self.host = host
+        self.window = window
+        self.idle_timeout = idle_timeout
+        self.batches: deque[tuple[str, int]] = deque()
+        self.result: dict[str, Any] | None = None
+        self.unacked = 0
+        self.granted_total = 0  # credit returned to the worker beyond the first window
+        self.received = 0  # values received from the worker so far (flow-control figure)
+        self.pid = handle.pid
+
+    # -- shared decisions ------------------------------------------------------------------
+    def _on_frame(self, frame: Frame) -> bytes | None:
+        """Take one frame; returns a REPLY to send for a host call."""
+        if frame.type is MsgType.ITEMS:
+            if frame.request_id != self.rid:
+                raise ProtocolError("ITEMS for another request")
+            items, count = frame.body.get("items"), frame.body.get("n")
+            if not isinstance(items, str) or type(count) is not int or count < 0:
+                raise ProtocolError("malformed ITEMS frame")
+            self.received += count
+            if self.received > self._granted():
+                raise ProtocolError("the worker sent values beyond its credit")
+            self.batches.append((items, count))
+            return None
+        if frame.type is MsgType.CALL:
+            return answer_call(frame, self.rid, self.host.call if self.host else None)
+        reply = read_reply(frame, self.rid, self.on_output)
+        if reply is not None:
+            self._ended(reply)
+        return None
+
+    def _granted(self) -> int:
+        return self.window + self.granted_total
+
+    def _ended(self, reply: dict[str, Any]) -> None:
+        self.result = reply
+        handle, self.handle = self.handle, None
+        if handle is not None:
+            self.pool._finish(handle, reply)
+
+    def _deadline(self) -> tuple[float, bool]:
+        """When to stop waiting for the next frame, and whether that is the idle bound."""
+        if self.idle_timeout is None:
+            return self.kill_at, False
+        idle = time.monotonic() + self.idle_timeout
+        return (idle, True) if idle < self.kill_at else (self.kill_at, False)
+
+    def _credit_frame(self, n: int) -> bytes | None:
+        self.unacked += n
+        if self.result is not None or self.unacked < max(1, self.window // 4):
+            return None
+        grant, self.unacked = self.unacked, 0
+        self.granted_total += grant
+        return encode_frame(MsgType.CREDIT, self.rid, {"n": grant})
+
+    def _timeout(self, idle: bool) -> TimeoutError:
+        handle, self.handle = self.handle, None
+        if handle is None:
+            return TimeoutError("the stream timed out", kind="wall")
+        if idle:
+            self.pool._kill_and_drop(handle, "stream idle timeout")
+            error = TimeoutError(f"no stream value within idle_timeout={self.idle_timeout}s",
+                                 kind="wall", limit=self.idle_timeout or 0.0)
+            error.worker_pid = handle.pid
+            return error
+        return self.pool._wall_timeout(handle)
+
+    def _lost(self, exc: ChannelClosed | ProtocolError) -> Exception:
+        handle, self.handle = self.handle, None
+        if handle is None:
+            return exc
+        return self.pool._lost(handle, exc)
+
+    def _abandon(self, reason: str) -> None:
+        handle, self.handle = self.handle, None
+        if handle is not None:
+            self.pool._kill_and_drop(handle, reason)
+
+    # -- sync ------------------------------------------------------------------------------
+    def next_batch(self) -> tuple[str, int] | None:
+        """The next batch of values (JSON array text, count); None once the stream ended."""
+        while not self.batches:
+            handle = self.handle
+            if self.result is not None or handle is None:
+                return None
+            deadline, idle = self._deadline()
+            try:
+                frame = handle.recv(deadline)
+                if frame is None:
+                    raise self._timeout(idle)
+                answer = self._on_frame(frame)
+                if answer is not None:
+                    handle.send(answer, self.kill_at)
+            except (ChannelClosed, ProtocolError) as exc:
+                raise self._lost(exc) from None
+            except builtins.TimeoutError:
+                raise self._timeout(False) from None
+        return self.batches.popleft()
+
+    def consumed(self, n: int) -> None:
+        """The consumer took ``n`` values: return credit to the worker now and then."""
+        frame = self._credit_frame(n)
+        if frame is not None and self.handle is not None:
+            # A failure here shows up at the next read, as the death or the timeout.
+            with contextlib.suppress(ChannelClosed, builtins.TimeoutError):
+                self.handle.send(frame, self.kill_at)
+
+    def close(self) -> None:
+        """Leave early: CANCEL, let ``return()`` run, release the worker (kill it if slow)."""
+        handle = self.handle
+        if handle is None or self.result is not None:
+            return
+        end = min(self.kill_at, time.monotonic() + CANCEL_GRACE)
+        try:
+            handle.send(encode_frame(MsgType.CANCEL, self.rid, {}), end)
+            while self.result is None:
+                frame = handle.recv(end)
+                if frame is None:
+                    break
+                answer = self._on_frame(frame)
+                if answer is not None:
+                    handle.send(answer, end)
+        except (ChannelClosed, ProtocolError, builtins.TimeoutError, OSError):
+            pass
+        except BaseException:
+            self._abandon("the stream was interrupted while closing")
+            raise
+        if self.result is None:
+            self._abandon("the stream did not stop within its cancel grace")
+
+    # -- async -----------------------------------------------------------------------------
+    async def anext_batch(self) -> tuple[str, int] | None:
+        """The asyncio twin of :meth:`next_batch`."""
+        while not self.batches:
+            handle = self.handle
+            if self.result is not None or handle is None:
+                return None
+            deadline, idle = self._deadline()
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    frame = await handle.arecv()
+                answer = self._on_frame(frame)
+                if answer is not None:
+                    await handle.asend(answer)
+            except builtins.TimeoutError:
+                raise self._timeout(idle) from None
+            except (ChannelClosed, ProtocolError) as exc:
+                raise self._lost(exc) from None
+            except BaseException:
+                self._abandon("the stream was cancelled")
+                raise
+        return self.batches.popleft()
+
+    async def aconsumed(self, n: int) -> None:
+        """The asyncio twin of :meth:`consumed`."""
+        frame = self._credit_frame(n)
+        if frame is not None and self.handle is not None:
+            with contextlib.suppress(ChannelClosed, OSError):
+                await self.handle.asend(frame)
+
+    async def aclose(self) -> None:
+        """The asyncio twin of :meth:`close`."""
+        handle = self.handle
+        if handle is None or self.result is not None:
+            return
+        try:
+            async with asyncio.timeout(max(0.0, min(self.kill_at - time.monotonic(),
+                                                    CANCEL_GRACE))):
+                await handle.asend(encode_frame(MsgType.CANCEL, self.rid, {}))
+                while self.result is None:
+                    answer = self._on_frame(await handle.arecv())
+                    if answer is not None:
+                        await handle.asend(answer)
+        except (ChannelClosed, ProtocolError, builtins.TimeoutError, OSError):
+            pass
+        except BaseException:
+            self._abandon("the stream was cancelled while closing")
+            raise
+        if self.result is None:
+            self._abandon("the stream did not stop within its cancel grace")
+
+
+def open_stream(pool: Pool, body: dict[str, Any], *, deadline: float, kill_at: float,
+                on_output: OnOutput | None, host: HostCaller | None,
+                want: WorkerHandle | None, window: int, idle_timeout: float | None
+                ) -> PoolStream:
+    """Send a stream request to a worker (``want``: a session's) from this thread."""
+    rid = pool.next_rid()
+    handle = pool.acquire(deadline, want)
+    frame = pool.request_frame(rid, handle, {**body, "op": "stream", "window": window})
+    try:
+        handle.send(frame, kill_at)
+    except builtins.TimeoutError:
+        raise pool._wall_timeout(handle) from None
+    except ChannelClosed:
+        raise pool.crash_error(handle, "before the stream started") from None
+    except BaseException:
+        pool._kill_and_drop(handle, "the stream was interrupted")
+        raise
+    return PoolStream(pool, handle, rid, kill_at=kill_at, on_output=on_output, host=host,
+                      window=window, idle_timeout=idle_timeout)
+
+
+async def open_stream_async(pool: Pool, body: dict[str, Any], *, deadline: float,
+                            kill_at: float, on_output: OnOutput | None,
+                            host: HostCaller | None, want: WorkerHandle | None, window: int,
+                            idle_timeout: float | None) -> PoolStream:
+    """The asyncio twin of :func:`open_stream`."""
+    rid = pool.next_rid()
+    handle = await pool.acquire_async(deadline, want)
+    frame = pool.request_frame(rid, handle, {**body, "op": "stream", "window": window})
+    try:
+        async with asyncio.timeout(max(0.0, kill_at - time.monotonic())):
+            await handle.asend(frame)
+    except builtins.TimeoutError:
+        raise pool._wall_timeout(handle) from None
+    except ChannelClosed:
+        raise pool.crash_error(handle, "before the stream started") from None
+    except BaseException:
+        pool._kill_and_drop(handle, "the stream was cancelled")
+        raise
+    return PoolStream(pool, handle, rid, kill_at=kill_at, on_output=on_output, host=host,
+                      window=window, idle_timeout=idle_timeout)
