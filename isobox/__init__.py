@@ -22,7 +22,6 @@ from isobox.errors import (
 
 if TYPE_CHECKING:
     from isobox.api import AsyncIsoBox, IsoBox
-    from isobox.sessions import AsyncSession, Session
     from isobox.results import (
         CodeValidation,
         ExecutionMetrics,
@@ -32,6 +31,7 @@ if TYPE_CHECKING:
         SessionInfo,
         WorkerStats,
     )
+    from isobox.sessions import AsyncSession, Session
 
 __version__ = "0.1.0"
 

@@ -336,6 +336,11 @@ class Engine:
         """Free a session's context; True if it existed."""
         return self._sessions.pop(sid, None) is not None
 
+    @property
+    def session_count(self) -> int:
+        """How many session contexts this engine holds."""
+        return len(self._sessions)
+
     def has_session(self, sid: str) -> bool:
         """Whether this engine holds a live context for ``sid``."""
         return sid in self._sessions

@@ -220,6 +220,10 @@ def serve(sock: socket.socket, engine: Engine) -> int:
                 outcome = _handle(chan, engine, frame.body)
             except TypeError:
                 return EXIT_PROTOCOL
+            if outcome.retire and engine.session_count:
+                # Fresh contexts are freed after every run anyway; retiring would cost the
+                # sessions this worker holds their closures, so it stays.
+                outcome.retire = False
             sock.sendall(_result_frame(chan.rid, outcome))
             if outcome.retire:
                 return 0
