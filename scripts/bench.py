@@ -17,6 +17,11 @@ limits, in this process):
       idle workers again, and until a run then succeeds. Uses its own box so the faults of the
       other sections do not feed its crash-loop breaker or spawn backoff.
 - Idle worker USS and RSS from ``pool_stats()`` (median over workers and samples).
+- Stream: values/s of ``let i = 0; while (i < N) yield i++`` through ``run_stream`` to a Python
+      consumer; floor: the same generator in-process, advanced by one call per value.
+- Session: ``1+2`` p50 in a session against a plain ``run`` p50 on the same box.
+- Session recovery: SIGKILL the worker holding a session (state: 1,000 numbers); time until
+      the next session run returns, beside the time a live ``set_state`` of that state takes.
 
 How: every series is warmed up first and then measured with ``time.perf_counter``; floor and
 IsoBox series are interleaved in rounds so background load drifts hit both alike; figures are
@@ -92,12 +97,13 @@ class Plan:
     w3_reps: int
     w4_reps: int
     respawn_reps: int  # stays below the crash-loop breaker's 10 deaths per 10 s
+    stream_reps: int
 
 
 FULL = Plan(w1_rounds=6, w1_block=500, w1_warmup=200, tput_seconds=2.0, tput_reps=5,
-            w2_reps=60, w3_reps=20, w4_reps=12, respawn_reps=8)
+            w2_reps=60, w3_reps=20, w4_reps=12, respawn_reps=8, stream_reps=5)
 QUICK = Plan(w1_rounds=2, w1_block=150, w1_warmup=30, tput_seconds=0.75, tput_reps=1,
-             w2_reps=8, w3_reps=4, w4_reps=3, respawn_reps=3)
+             w2_reps=8, w3_reps=4, w4_reps=3, respawn_reps=3, stream_reps=1)
 
 
 # -- statistics --------------------------------------------------------------------------------
@@ -413,6 +419,94 @@ def bench_idle_memory(box: IsoBox) -> dict[str, Any]:
 
 
 # -- the report --------------------------------------------------------------------------------
+STREAM_VALUES = 200_000
+STREAM = f"let i = 0; while (i < {STREAM_VALUES}) yield i++"
+STATE = {"numbers": list(range(1000)), "name": "bench"}
+
+
+def floor_stream() -> int:
+    """The floor's stream: the generator in-process, one binding call per value."""
+    ctx = fresh_context()
+    step = ctx.eval(f"(() => {{ const it = (function* () {{ {STREAM} }})(); "
+                    "return () => { const r = it.next(); return r.done ? -1 : r.value; }; })()")
+    total = 0
+    while (value := step()) != -1:
+        total += value
+    return total
+
+
+def bench_stream(box: IsoBox, plan: Plan) -> dict[str, Any]:
+    """Stream: values/s to a Python consumer, IsoBox vs the in-process floor."""
+    expected = STREAM_VALUES * (STREAM_VALUES - 1) // 2
+    floor: list[float] = []
+    isobox: list[float] = []
+    for _ in range(plan.stream_reps):
+        started = time.perf_counter()
+        check(floor_stream(), expected, "floor stream")
+        floor.append(STREAM_VALUES / (time.perf_counter() - started))
+        started = time.perf_counter()
+        check(sum(box.run_stream(STREAM)), expected, "IsoBox stream")
+        isobox.append(STREAM_VALUES / (time.perf_counter() - started))
+    return {"floor": summary(floor), "isobox": summary(isobox), "values": STREAM_VALUES}
+
+
+def bench_session(box: IsoBox, plan: Plan) -> dict[str, Any]:
+    """Session: 1+2 in a session vs a plain run, interleaved on the same box."""
+    session = box.create_session("bench-latency")
+    try:
+        run_session = Probe(lambda: session.run(ONE_PLUS_TWO), 3, "session 1+2")
+        run_plain = Probe(lambda: box.run(ONE_PLUS_TWO), 3, "IsoBox 1+2")
+        series(run_session, plan.w1_warmup, IDLE_GAP)
+        series(run_plain, plan.w1_warmup, IDLE_GAP)
+        plain: list[float] = []
+        inside: list[float] = []
+        for _ in range(plan.w1_rounds):
+            plain += series(run_plain, plan.w1_block, IDLE_GAP)
+            inside += series(run_session, plan.w1_block, IDLE_GAP)
+        return {"plain": summary(plain), "session": summary(inside)}
+    finally:
+        session.close()
+
+
+def gone(pid: int, limit: float = 5.0) -> None:
+    """Wait until ``pid`` has exited (a zombie counts: the fork server reaps it)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.0002)
+    raise RuntimeError(f"process {pid} did not exit within {limit} s")
+
+
+def bench_session_recovery(box: IsoBox, plan: Plan) -> dict[str, Any]:
+    """Session recovery: kill the session's worker, time until its next run returns."""
+    recovery: list[float] = []
+    restore: list[float] = []
+    for rep in range(plan.respawn_reps):
+        wait_idle(box, WORKERS)
+        session = box.create_session(f"bench-recovery-{rep}")
+        try:
+            session.set_state(STATE)
+            check(session.run("numbers.length"), 1000, "session state")
+            started = time.perf_counter()
+            session.set_state(STATE)
+            restore.append(time.perf_counter() - started)
+            pid = session.info().worker_pid
+            if pid is None:
+                raise RuntimeError("the session has no worker")
+            started = time.perf_counter()
+            os.kill(pid, signal.SIGKILL)
+            gone(pid)  # an idle death: the next run must not race the kill itself
+            check(session.run("numbers[999] + name.length"), 1004, "restored session")
+            recovery.append(time.perf_counter() - started)
+        finally:
+            session.close()
+    return {"recovery": summary(recovery), "restore": summary(restore)}
+
+
 def quickjs_build() -> dict[str, Any]:
     """The quickjs-ng distribution in use: version, wheel tags, and whether it is prebuilt."""
     dist = importlib.metadata.distribution("quickjs-ng")
@@ -498,6 +592,18 @@ def build_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     timing("W4 next run after the error median", fig(w4, "to_next", "p50"), None)
     timing("Respawn: kill -> 2 idle, median", fig(resp, "to_idle", "p50"), None)
     timing("Respawn: kill -> 2 idle + run ok, median", fig(resp, "to_run", "p50"), None)
+    stream = res.get("stream")
+    box_rate, floor_rate = fig(stream, "isobox", "p50"), fig(stream, "floor", "p50")
+    r = ratio(box_rate, floor_rate)
+    rows.append(("Stream values/s (median)",
+                 f"{box_rate:,.0f}" if box_rate is not None else "-",
+                 f"{floor_rate:,.0f}" if floor_rate is not None else "-",
+                 f"{r:.2f}x" if r is not None else "-"))
+    sess, rec = res.get("session"), res.get("session_recovery")
+    timing("Session 1+2 p50 (floor column: plain run)", fig(sess, "session", "p50"),
+           fig(sess, "plain", "p50"))
+    timing("Session recovery after kill -9, median", fig(rec, "recovery", "p50"), None)
+    timing("Session set_state of that state, median", fig(rec, "restore", "p50"), None)
     for key, label in (("uss_mib", "USS"), ("rss_mib", "RSS")):
         value = fig(mem, key, "p50")
         rows.append((f"Idle worker {label} median", f"{value:.1f} MiB" if value else "-", "-",
@@ -519,6 +625,12 @@ def build_targets(res: dict[str, Any]) -> list[Target]:
     def x(v: float | None) -> str:
         return f"{v:.2f}x" if v is not None else "-"
 
+    srate = fig(res.get("stream"), "isobox", "p50")
+    sess, rec = res.get("session"), res.get("session_recovery")
+    sr = ratio(fig(sess, "session", "p50"), fig(sess, "plain", "p50"))
+    recovered, restored = fig(rec, "recovery", "p50"), fig(rec, "restore", "p50")
+    rec_over = recovered - restored if recovered is not None and restored is not None else None
+
     return [
         Target("W1 p50 (idle gap) <= 1.5x floor", w1r, 1.5, x(w1r)),
         Target(f">= 8000 runs/s, {THREADS} threads, 2 workers", rate, 8000,
@@ -529,6 +641,10 @@ def build_targets(res: dict[str, Any]) -> list[Target]:
         Target("W4 next run <= 30 ms", nxt, 0.030, ms(nxt)),
         Target("Respawn <= 50 ms", back, 0.050, ms(back)),
         Target("Idle USS <= 15 MiB", uss, 15.0, f"{uss:.1f} MiB" if uss is not None else "-"),
+        Target(">= 100,000 stream values/s", srate, 100_000,
+               f"{srate:,.0f}/s" if srate is not None else "-", at_least=True),
+        Target("Session run p50 <= 1.5x plain run", sr, 1.5, x(sr)),
+        Target("Session recovery <= 100 ms + restore", rec_over, 0.100, ms(rec_over)),
     ]
 
 
@@ -637,6 +753,9 @@ def run_all(plan: Plan) -> dict[str, Any]:
         guarded(res, "w4", lambda: bench_w4(main_box, plan))
         guarded(res, "idle_memory", lambda: bench_idle_memory(main_box))
         guarded(res, "w3", lambda: bench_w3(main_box, plan))
+        guarded(res, "stream", lambda: bench_stream(main_box, plan))
+        guarded(res, "session", lambda: bench_session(main_box, plan))
+        guarded(res, "session_recovery", lambda: bench_session_recovery(main_box, plan))
         seen.update(child.pid for child in psutil.Process().children(recursive=True))
         seen.update(w.pid for w in main_box.pool_stats().workers)
     except Exception as exc:  # the box itself failed to start: still report

@@ -127,6 +127,16 @@ class WorkerHandle:
         return self._frames.popleft()
 
     # -- lifecycle -------------------------------------------------------------------------
+    def alive(self) -> bool:
+        """Whether the process still runs (its pidfd turns readable when it exits)."""
+        if self.exited or self._closed:
+            return False
+        try:
+            ready = select.select([self.pidfd], [], [], 0)[0]
+        except (OSError, ValueError):
+            return False
+        return not ready
+
     def kill(self, reason: str, sig: int = signal.SIGKILL) -> None:
         """Signal the worker through its pidfd, remembering why (for classification)."""
         if not self.kill_reason:

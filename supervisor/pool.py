@@ -386,9 +386,12 @@ class Pool:
             except builtins.TimeoutError:
                 raise self._wall_timeout(handle) from None
             except ChannelClosed:
-                # It died before it could read the request: nothing ran, so try another worker.
+                # It died before it could read the request: nothing ran, so try another worker
+                # (a session's run goes back to be placed again, from its checkpoint).
                 error = self.crash_error(handle, "before the run started")
-                if attempt == 2 or want is not None:
+                if want is not None:
+                    raise PinLost from None
+                if attempt == 2:
                     raise error from None
                 continue
             except BaseException:
@@ -401,7 +404,9 @@ class Pool:
     def holds(self, handle: WorkerHandle) -> bool:
         """Whether ``handle`` is still one of the pool's live workers."""
         with self._lock:
-            return self._handles.get(handle.pid) is handle and not handle.exited
+            if self._handles.get(handle.pid) is not handle:
+                return False
+        return handle.alive()
 
     def next_rid(self) -> int:
         """A fresh request id (unique per pool)."""
@@ -484,7 +489,9 @@ class Pool:
                 raise self._wall_timeout(handle) from None
             except ChannelClosed:
                 error = self.crash_error(handle, "before the run started")
-                if attempt == 2 or want is not None:
+                if want is not None:
+                    raise PinLost from None
+                if attempt == 2:
                     raise error from None
                 continue
             except BaseException:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from isobox.errors import TimeoutError
 from isobox.protocol import Frame, MsgType, ProtocolError, encode_frame
 from isobox.supervisor.handle import ChannelClosed, WorkerHandle
-from isobox.supervisor.pool import HostCaller, OnOutput, answer_call, read_reply
+from isobox.supervisor.pool import HostCaller, OnOutput, PinLost, answer_call, read_reply
 
 if TYPE_CHECKING:
     from isobox.supervisor.pool import Pool
@@ -239,7 +239,10 @@ def open_stream(pool: Pool, body: dict[str, Any], *, deadline: float, kill_at: f
     except builtins.TimeoutError:
         raise pool._wall_timeout(handle) from None
     except ChannelClosed:
-        raise pool.crash_error(handle, "before the stream started") from None
+        error = pool.crash_error(handle, "before the stream started")
+        if want is not None:
+            raise PinLost from None
+        raise error from None
     except BaseException:
         pool._kill_and_drop(handle, "the stream was interrupted")
         raise
@@ -261,7 +264,10 @@ async def open_stream_async(pool: Pool, body: dict[str, Any], *, deadline: float
     except builtins.TimeoutError:
         raise pool._wall_timeout(handle) from None
     except ChannelClosed:
-        raise pool.crash_error(handle, "before the stream started") from None
+        error = pool.crash_error(handle, "before the stream started")
+        if want is not None:
+            raise PinLost from None
+        raise error from None
     except BaseException:
         pool._kill_and_drop(handle, "the stream was cancelled")
         raise
