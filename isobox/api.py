@@ -15,6 +15,7 @@ classes are thin shells that differ only in how they wait. Many threads may shar
 from __future__ import annotations
 
 import asyncio
+import builtins
 import dataclasses
 import json
 import logging
@@ -342,8 +343,10 @@ class _BoxCore:
                                    "(max_sessions)")
             self._sessions[session_id] = state
             if self._sweeper is None:
-                self._sweeper = threading.Thread(target=self._sweep, name="isobox-sessions",
-                                                 daemon=True)
+                # A weak reference: a box dropped without shutdown() can still be collected
+                # (which shuts its pool down), and the sweeper then ends.
+                self._sweeper = threading.Thread(target=_sweep_loop, args=(weakref.ref(self),),
+                                                 name="isobox-sessions", daemon=True)
                 self._sweeper.start()
         return state
 
@@ -355,15 +358,13 @@ class _BoxCore:
         return state
 
     def _sweep(self) -> None:
-        """Expire sessions whose TTL ran out since their last use (a daemon thread)."""
-        while not self._closed:
-            time.sleep(_SWEEP_EVERY)
-            now = time.monotonic()
-            with self._sessions_lock:
-                due = [s for s in self._sessions.values() if s.due(now)]
-            for state in due:
-                if self._session_end(state, "expired"):
-                    self._events.emit("session:expired", {"id": state.id, "ttl": state.ttl})
+        """Expire sessions whose TTL ran out since their last use."""
+        now = time.monotonic()
+        with self._sessions_lock:
+            due = [s for s in self._sessions.values() if s.due(now)]
+        for state in due:
+            if self._session_end(state, "expired"):
+                self._events.emit("session:expired", {"id": state.id, "ttl": state.ttl})
 
     def _session_end(self, state: SessionState, why: str) -> bool:
         """Drop the session's context (and checkpoint); with ``why``, end the session too.
@@ -466,6 +467,24 @@ class _BoxCore:
             self._session_end(state, "closed")
 
 
+def _sweep_loop(ref: weakref.ReferenceType[_BoxCore]) -> None:
+    """The TTL sweeper thread: runs while its box lives and is open."""
+    while True:
+        time.sleep(_SWEEP_EVERY)
+        box = ref()
+        if box is None or box._closed:
+            return
+        box._sweep()
+        del box
+
+
+def _hold(state: SessionState, timeout: float) -> None:
+    """Take a session's lock for a run or a stream, or fail clearly if it stays busy."""
+    if not state.lock.acquire(timeout=timeout):
+        raise SessionError(f"session {state.id!r} stayed busy for {timeout}s (another run or "
+                           "an open stream holds it)")
+
+
 def _count(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -561,6 +580,21 @@ class IsoBox(_BoxCore):
     def _stream_values(self, request: RunRequest, host: HostFunctions, window: int,
                        idle_timeout: float | None, session: SessionState | None
                        ) -> Iterator[Any]:
+        if session is not None:
+            _hold(session, request.options.timeout)
+            try:
+                session.check()
+                session.busy += 1
+                yield from self._stream_on(request, host, window, idle_timeout, session)
+            finally:
+                session.busy -= 1
+                session.touch()
+                session.lock.release()
+        else:
+            yield from self._stream_on(request, host, window, idle_timeout, None)
+
+    def _stream_on(self, request: RunRequest, host: HostFunctions, window: int,
+                   idle_timeout: float | None, session: SessionState | None) -> Iterator[Any]:
         started = time.monotonic()
         streamed: list[tuple[str, str]] = []
         sink = self._output_sink(request, streamed)
@@ -570,8 +604,6 @@ class IsoBox(_BoxCore):
             return
         deadline = started + request.options.timeout
         kill_at = deadline + _grace(request.options.timeout)
-        if session is not None:
-            session.busy += 1
         stream: PoolStream | None = None
         try:
             for _attempt in range(3):
@@ -600,9 +632,6 @@ class IsoBox(_BoxCore):
         finally:
             if stream is not None and stream.result is None:
                 stream.close()
-            if session is not None:
-                session.busy -= 1
-                session.touch()
 
     def _local_stream(self, request: RunRequest, host: HostFunctions, sink: Any, *,
                       window: int, session: SessionState | None, started: float
@@ -636,30 +665,34 @@ class IsoBox(_BoxCore):
 
     def _session_execute(self, state: SessionState, code: str, options: dict[str, Any]
                          ) -> ExecutionResult:
-        with state.lock:
+        state.check()
+        request, host = self._prepare(code, options, session=state)
+        _hold(state, request.options.timeout)
+        try:
             state.check()
             state.busy += 1
-            try:
-                request, host = self._prepare(code, options, session=state)
-                reply, pid, started, streamed = self._send(request, host, state)
-                state.execution_count += 1
-                return self._complete(request, reply, pid, started, streamed)
-            finally:
-                state.busy -= 1
-                state.touch()
+            reply, pid, started, streamed = self._send(request, host, state)
+            state.execution_count += 1
+            return self._complete(request, reply, pid, started, streamed)
+        finally:
+            state.busy -= 1
+            state.touch()
+            state.lock.release()
 
     def _session_state(self, state: SessionState, new: Mapping[str, Any] | None
                        ) -> dict[str, Any]:
-        with state.lock:
+        state.check()
+        request, host = self._state_request(state, new)
+        _hold(state, request.options.timeout)
+        try:
             state.check()
             state.busy += 1
-            try:
-                request, host = self._state_request(state, new)
-                reply, _pid, _started, _streamed = self._send(request, host, state, "state")
-                return self._state_of(request, reply)
-            finally:
-                state.busy -= 1
-                state.touch()
+            reply, _pid, _started, _streamed = self._send(request, host, state, "state")
+            return self._state_of(request, reply)
+        finally:
+            state.busy -= 1
+            state.touch()
+            state.lock.release()
 
     def pool_stats(self) -> PoolStats:
         """Per-worker figures (rss, uss, cpu) and pool counts."""
@@ -760,6 +793,30 @@ class AsyncIsoBox(_BoxCore):
     async def _stream_values(self, request: RunRequest, host: HostFunctions, window: int,
                              idle_timeout: float | None, session: SessionState | None
                              ) -> AsyncIterator[Any]:
+        if session is None:
+            async for value in self._stream_on(request, host, window, idle_timeout, None):
+                yield value
+            return
+        lock = session.async_lock()
+        try:
+            async with asyncio.timeout(request.options.timeout):
+                await lock.acquire()
+        except builtins.TimeoutError:
+            raise SessionError(f"session {session.id!r} stayed busy for "
+                               f"{request.options.timeout}s") from None
+        try:
+            session.check()
+            session.busy += 1
+            async for value in self._stream_on(request, host, window, idle_timeout, session):
+                yield value
+        finally:
+            session.busy -= 1
+            session.touch()
+            lock.release()
+
+    async def _stream_on(self, request: RunRequest, host: HostFunctions, window: int,
+                         idle_timeout: float | None, session: SessionState | None
+                         ) -> AsyncIterator[Any]:
         started = time.monotonic()
         streamed: list[tuple[str, str]] = []
         sink = self._output_sink(request, streamed)
@@ -768,8 +825,6 @@ class AsyncIsoBox(_BoxCore):
                                                   session=session, started=started):
                 yield value
             return
-        if session is not None:
-            session.busy += 1
         stream: PoolStream | None = None
         try:
             stream = await self._open_stream(request, host, sink, session, window=window,
@@ -788,9 +843,6 @@ class AsyncIsoBox(_BoxCore):
         finally:
             if stream is not None and stream.result is None:
                 await stream.aclose()
-            if session is not None:
-                session.busy -= 1
-                session.touch()
 
     async def _open_stream(self, request: RunRequest, host: HostFunctions, sink: Any,
                            session: SessionState | None, *, window: int,
