@@ -12,12 +12,14 @@ Reply format (what the JS side decodes): ``j`` + JSON, ``t`` + tagged JSON, ``e`
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import json
 import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -31,14 +33,29 @@ log = logging.getLogger("isobox")
 _NAME = re.compile(r"^[A-Za-z_$][A-Za-z0-9_$]*$")
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][\w.@+-]+){2,}[/\\]?")
 _MAX_MESSAGE = 500
-_RESERVED = frozenset({"console", "setTimeout", "setInterval", "clearTimeout", "clearInterval",
-                       "queueMicrotask", "globalThis", "eval", "process"})
+# JS globals a host function may not shadow: the language's own (some cannot be redefined at
+# all, and the sandbox's trusted libraries look some up by name) and IsoBox's.
+_RESERVED = frozenset({
+    "AggregateError", "Array", "ArrayBuffer", "Atomics", "BigInt", "BigInt64Array",
+    "BigUint64Array", "Boolean", "DataView", "Date", "Error", "EvalError",
+    "FinalizationRegistry", "Float16Array", "Float32Array", "Float64Array", "Function",
+    "Infinity", "Int16Array", "Int32Array", "Int8Array", "InternalError", "Intl", "Iterator",
+    "JSON", "Map", "Math", "NaN", "Number", "Object", "Promise", "Proxy", "RangeError",
+    "ReferenceError", "Reflect", "RegExp", "Set", "SharedArrayBuffer", "String", "Symbol",
+    "SyntaxError", "TypeError", "URIError", "Uint16Array", "Uint32Array", "Uint8Array",
+    "Uint8ClampedArray", "WeakMap", "WeakRef", "WeakSet", "decodeURI", "decodeURIComponent",
+    "encodeURI", "encodeURIComponent", "escape", "eval", "globalThis", "isFinite", "isNaN",
+    "parseFloat", "parseInt", "performance", "undefined", "unescape", "console", "setTimeout",
+    "setInterval", "clearTimeout", "clearInterval", "queueMicrotask", "process", "require",
+    "module", "exports", "Buffer",
+})
 
 
 def sanitize(message: str) -> str:
     """A host exception's message as the sandbox may see it: no paths, no environment values,
     bounded in length."""
-    for value in os.environ.values():
+    # Longest first: a value that contains another must go whole, not around the shorter one.
+    for value in sorted(set(os.environ.values()), key=len, reverse=True):
         if len(value) >= 8 and value in message:
             message = message.replace(value, "<redacted>")
     message = _PATH.sub("<path>", message)
@@ -60,13 +77,13 @@ class HostFunctions:
             if not isinstance(name, str) or not _NAME.match(name):
                 raise ValueError(f"host function name {name!r} is not a JS identifier")
             if name in _RESERVED:
-                raise ValueError(f"host function name {name!r} is reserved")
+                raise ValueError(f"host function name {name!r} would shadow a JavaScript or "
+                                 "IsoBox global")
             if not callable(fn):
                 raise TypeError(f"host function {name!r} is not callable")
             table[name] = (fn, inspect.iscoroutinefunction(fn))
         self._table = table
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_lock = threading.Lock()
+        self._runners = _Runners()
 
     def __bool__(self) -> bool:
         return bool(self._table)
@@ -77,7 +94,9 @@ class HostFunctions:
             return self
         combined = {name: fn for name, (fn, _) in self._table.items()}
         combined.update(more)
-        return HostFunctions(combined)
+        table = HostFunctions(combined)
+        table._runners = self._runners  # one helper pool and loop per box, not per run
+        return table
 
     def spec(self) -> list[list[Any]]:
         """What the worker binds: ``[[name, is_async], ...]``."""
@@ -108,6 +127,13 @@ class HostFunctions:
         log.debug("isobox host function %s raised", name, exc_info=exc)
         return _error(f"host function {name} failed: {type(exc).__name__}: {sanitize(str(exc))}")
 
+    def call_until(self, name: str, args: str, deadline: float) -> str:
+        """:meth:`call` on a helper thread, given up at ``deadline`` (``time.monotonic``):
+        raises :class:`builtins.TimeoutError` then, so the watchdog is never held up by a host
+        function that blocks. (The function itself cannot be stopped; it finishes on its own.)"""
+        future = self._runners.threads().submit(self.call, name, args)
+        return future.result(timeout=max(0.0, deadline - time.monotonic()))
+
     def call(self, name: str, args: str) -> str:
         """Call from a thread (sync box or in-process mode); ``async def`` functions run to
         completion on a private event loop."""
@@ -118,8 +144,8 @@ class HostFunctions:
         try:
             result = fn(*decoded)
             if inspect.isawaitable(result):
-                result = asyncio.run_coroutine_threadsafe(_await(result), self._private_loop()
-                                                          ).result()
+                result = asyncio.run_coroutine_threadsafe(_await(result),
+                                                          self._runners.loop()).result()
         except Exception as exc:
             return self._failed(name, exc)
         return self._encode(name, result)
@@ -142,11 +168,30 @@ class HostFunctions:
             return self._failed(name, exc)
         return self._encode(name, result)
 
-    def _private_loop(self) -> asyncio.AbstractEventLoop:
-        with self._loop_lock:
+
+class _Runners:
+    """Where host calls run when they must not block the run's own thread: a thread pool
+    (sync box: the watchdog keeps its deadline) and a private event loop (``async def``
+    functions called from a thread). Made on first use, shared by a box's tables."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._threads: concurrent.futures.ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def threads(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._threads is None:
+                self._threads = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=32, thread_name_prefix="isobox-host")
+            return self._threads
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
             if self._loop is None:
                 loop = asyncio.new_event_loop()
-                threading.Thread(target=loop.run_forever, name="isobox-host", daemon=True).start()
+                threading.Thread(target=loop.run_forever, name="isobox-host-loop",
+                                 daemon=True).start()
                 self._loop = loop
             return self._loop
 

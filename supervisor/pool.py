@@ -73,6 +73,8 @@ class HostCaller(Protocol):
 
     def call(self, name: str, args: str) -> str: ...
 
+    def call_until(self, name: str, args: str, deadline: float) -> str: ...
+
     async def acall(self, name: str, args: str) -> str: ...
 
 
@@ -458,7 +460,7 @@ class Pool:
                 if frame is None:
                     raise self._wall_timeout(handle)
                 if frame.type is MsgType.CALL:
-                    answer = answer_call(frame, rid, host.call if host else None)
+                    answer = answer_call(frame, rid, caller(host, kill_at))
                     handle.send(answer, kill_at)
                     continue
                 reply = read_reply(frame, rid, on_output)
@@ -715,6 +717,14 @@ def read_reply(frame: Frame, request_id: int, on_output: OnOutput | None) -> dic
     if frame.type is MsgType.RESULT:
         return frame.body
     raise ProtocolError(f"unexpected {frame.type.name} frame during a run")
+
+
+def caller(host: HostCaller | None, deadline: float) -> Callable[[str, str], str] | None:
+    """How a sync run answers a host call: on a helper thread, given up at ``deadline`` (so
+    a host function that blocks cannot hold up the watchdog)."""
+    if host is None:
+        return None
+    return lambda name, args: host.call_until(name, args, deadline)
 
 
 def parse_call(frame: Frame, request_id: int) -> tuple[int, str, str]:

@@ -23,7 +23,14 @@ from typing import TYPE_CHECKING, Any
 from isobox.errors import TimeoutError
 from isobox.protocol import Frame, MsgType, ProtocolError, encode_frame
 from isobox.supervisor.handle import ChannelClosed, WorkerHandle
-from isobox.supervisor.pool import HostCaller, OnOutput, PinLost, answer_call, read_reply
+from isobox.supervisor.pool import (
+    HostCaller,
+    OnOutput,
+    PinLost,
+    answer_call,
+    caller,
+    read_reply,
+)
 
 if TYPE_CHECKING:
     from isobox.supervisor.pool import Pool
@@ -69,7 +76,7 @@ class PoolStream:
             self.batches.append((items, count))
             return None
         if frame.type is MsgType.CALL:
-            return answer_call(frame, self.rid, self.host.call if self.host else None)
+            return answer_call(frame, self.rid, caller(self.host, self.kill_at))
         reply = read_reply(frame, self.rid, self.on_output)
         if reply is not None:
             self._ended(reply)

@@ -218,17 +218,24 @@ class _Drive:
         if lines not in ("[]", '"overflow"'):
             self.io.output([(str(k), str(m)) for k, m in json.loads(lines)])
 
+    def poll(self) -> tuple[bool, float, bool]:
+        """Ask JS what is pending and send the host calls it queued: whether what the engine
+        waits for is ready, ms until the next timer (-1: none), and whether anything (a timer,
+        a host reply) may still come."""
+        head, pending, calls = self.call(".poll").split(" ", 2)
+        queued = json.loads(calls)
+        for cid, name, args in queued:
+            self.io.start_call(int(cid), str(name), str(args))
+        due = float(head[1:])
+        return head[0] == "D", due, due >= 0 or int(pending) > 0 or bool(queued)
+
     def step(self) -> bool:
         """One turn of the event loop: send queued host calls, then fire a due timer or wait
         for the next timer or host reply. False when nothing is pending (it never settles)."""
-        status = self.call(".poll")
-        head, pending, calls = status.split(" ", 2)
-        for cid, name, args in json.loads(calls):
-            self.io.start_call(int(cid), str(name), str(args))
-        if head[0] == "D":
+        done, due, more = self.poll()
+        if done:
             return True
-        due = float(head[1:])
-        if due < 0 and int(pending) == 0 and calls == "[]":
+        if not more:
             return False
         if 0 <= due < 0.5:
             self.call(".fire", user=True)
@@ -461,8 +468,9 @@ class Stream:
         drive.start()
         while True:
             drive.drain()
-            status = drive.call(".poll")
-            if status[0] == "D" or not drive.step():
+            if not drive.step():  # step() says "ready" once the value settled
+                return RunOutcome("R", "undefined\nnull")
+            if drive.poll()[0]:
                 return RunOutcome("R", "undefined\nnull")
 
     def _end(self, outcome: RunOutcome) -> None:
@@ -498,7 +506,7 @@ class Stream:
                     return RunOutcome("R", "")
                 while True:
                     drive.drain()
-                    if drive.call(".poll")[0] == "D":
+                    if drive.poll()[0]:
                         break
                     if not drive.step():
                         return _parse_finish(_NEVER, drive.spec)

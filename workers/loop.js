@@ -82,6 +82,15 @@
   function counted(name) {
     if (++calls > S.lim.calls) throw trim(new RangeErr('host call limit reached (' + S.lim.calls + ' calls per run)'), 2);
   }
+  let bound = [];
+  function unbind() {
+    // A session keeps its context: the previous run's host functions leave with that run.
+    for (let i = 0; i < bound.length; i++) {
+      const [name, f] = bound[i];
+      try { if (G[name] === f) delete G[name]; } catch (_) { /* the script made it stick */ }
+    }
+    bound = [];
+  }
   function bind(fns) {
     if (S.host === undefined) { S.host = G.__isoboxHost; delete G.__isoboxHost; }
     for (let i = 0; i < fns.length; i++) {
@@ -105,6 +114,7 @@
         };
       dp(f, 'name', { value: name });
       dp(G, name, { value: f, writable: true, configurable: true, enumerable: false });
+      bound[bound.length] = [name, f];
     }
   }
   function isoboxSettle(a) {
@@ -127,9 +137,11 @@
     outbox = [];
     let calls = '[';
     for (let i = 0; i < out.length; i++) calls += (i ? ',' : '') + '[' + out[i][0] + ',' + JS(out[i][1]) + ',' + JS(out[i][2]) + ']';
-    return (done ? 'D' : 'W') + (t === null ? -1 : Math.max(0, t.due - now())) + ' ' + pend.size + ' ' + calls + ']';
+    const left = t === null ? -1 : t.due - now();
+    return (done ? 'D' : 'W') + (left < 0 && t !== null ? 0 : left) + ' ' + pend.size + ' ' + calls + ']';
   }
   function reset() {
+    unbind();
     timers = new M(); outbox = []; calls = 0;
     ap(M.prototype.clear, pend, []);
     S.it = null; S.nx = null; S.busy = false;
@@ -189,6 +201,7 @@
     try {
       if (S.it === null) {
         if (S.unc !== null) throw S.unc.e;
+        if (S.st === null) throw trim(new Err("the snippet's promise never settled and nothing is left to run"), 1);
         if (!S.st.ok) throw S.st.error;
         const r = iterOf(S.st.value);
         S.it = r.it; S.async = r.async; S.nx = null; S.busy = false; S.idx = 0;
