@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import dataclasses
 import json
 import logging
@@ -23,7 +24,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping
 from typing import Any
 
 from isobox import values
@@ -443,8 +444,8 @@ class _BoxCore:
         return state if isinstance(state, dict) else {}
 
     def _stream_end(self, request: RunRequest, reply: dict[str, Any], pid: int | None,
-                    started: float) -> None:
-        """Record a stream that ended; raise its error, if it failed."""
+                    started: float) -> IsoBoxError | None:
+        """Record a stream that ended (once); returns its error, if it failed."""
         final = [(str(k), str(m)) for k, m in reply.get("console", [])]
         if final:
             sink = self._output_sink(request, [])
@@ -457,8 +458,7 @@ class _BoxCore:
             error.worker_pid = pid
         self._record(time.monotonic() - started, float(reply.get("cpu_time", 0.0)),
                      int(reply.get("memory", 0)), error, pid)
-        if error is not None:
-            raise error
+        return error
 
     def _end_all_sessions(self) -> None:
         with self._sessions_lock:
@@ -483,6 +483,18 @@ def _hold(state: SessionState, timeout: float) -> None:
     if not state.lock.acquire(timeout=timeout):
         raise SessionError(f"session {state.id!r} stayed busy for {timeout}s (another run or "
                            "an open stream holds it)")
+
+
+async def _ahold(state: SessionState, timeout: float) -> asyncio.Lock:
+    """The asyncio twin of :func:`_hold`; returns the lock to release."""
+    lock = state.async_lock()
+    try:
+        async with asyncio.timeout(timeout):
+            await lock.acquire()
+    except builtins.TimeoutError:
+        raise SessionError(f"session {state.id!r} stayed busy for {timeout}s (another run or "
+                           "an open stream holds it)") from None
+    return lock
 
 
 def _count(name: str, value: Any) -> int:
@@ -564,13 +576,14 @@ class IsoBox(_BoxCore):
             raise
 
     def run_stream(self, code: str, *, window: int = 256, idle_timeout: float | None = None,
-                   **options: Any) -> Iterator[Any]:
+                   **options: Any) -> Generator[Any, None, None]:
         """Stream the values ``code`` yields (top-level ``yield``) or its iterable evaluates
         to; leaving the loop early stops the generator and frees the worker."""
         return self._stream(code, options, window, idle_timeout, None)
 
     def _stream(self, code: str, options: dict[str, Any], window: int,
-                idle_timeout: float | None, session: SessionState | None) -> Iterator[Any]:
+                idle_timeout: float | None, session: SessionState | None
+                ) -> Generator[Any, None, None]:
         window, idle_timeout = _stream_limits(window, idle_timeout)
         request, host = self._prepare(code, options, session=session)
         if session is not None:
@@ -579,7 +592,7 @@ class IsoBox(_BoxCore):
 
     def _stream_values(self, request: RunRequest, host: HostFunctions, window: int,
                        idle_timeout: float | None, session: SessionState | None
-                       ) -> Iterator[Any]:
+                       ) -> Generator[Any, None, None]:
         if session is not None:
             _hold(session, request.options.timeout)
             try:
@@ -594,7 +607,8 @@ class IsoBox(_BoxCore):
             yield from self._stream_on(request, host, window, idle_timeout, None)
 
     def _stream_on(self, request: RunRequest, host: HostFunctions, window: int,
-                   idle_timeout: float | None, session: SessionState | None) -> Iterator[Any]:
+                   idle_timeout: float | None, session: SessionState | None
+                   ) -> Generator[Any, None, None]:
         started = time.monotonic()
         streamed: list[tuple[str, str]] = []
         sink = self._output_sink(request, streamed)
@@ -625,17 +639,19 @@ class IsoBox(_BoxCore):
             reply = stream.result or {}
             if session is not None:
                 self._session_done(session, None, reply)
-            self._stream_end(request, reply, stream.pid, started)
         except (TimeoutError, WorkerCrashedError) as exc:
             self._failed(exc, started)
             raise
         finally:
             if stream is not None and stream.result is None:
                 stream.close()
+        error = self._stream_end(request, reply, stream.pid, started)
+        if error is not None:
+            raise error
 
     def _local_stream(self, request: RunRequest, host: HostFunctions, sink: Any, *,
                       window: int, session: SessionState | None, started: float
-                      ) -> Iterator[Any]:
+                      ) -> Generator[Any, None, None]:
         spec = dataclasses.replace(self._local_spec(request), stream=True)
         if session is not None:
             if session.engine is None:
@@ -650,8 +666,10 @@ class IsoBox(_BoxCore):
                 yield from values.decode(items)
         finally:
             stream.close()
-        self._stream_end(request, reply_body(stream.outcome) if stream.outcome else {},
-                         None, started)
+        error = self._stream_end(request, reply_body(stream.outcome) if stream.outcome else {},
+                                 None, started)
+        if error is not None:
+            raise error
 
     # -- sessions --------------------------------------------------------------------------
     def create_session(self, session_id: str, *, ttl: float | None = 600.0,
@@ -776,14 +794,14 @@ class AsyncIsoBox(_BoxCore):
             raise
 
     def run_stream(self, code: str, *, window: int = 256, idle_timeout: float | None = None,
-                   **options: Any) -> AsyncIterator[Any]:
+                   **options: Any) -> AsyncGenerator[Any, None]:
         """Stream the values ``code`` yields (an async iterator); leaving the loop early,
         ``aclose()`` or cancelling the task stops the generator and frees the worker."""
         return self._stream(code, options, window, idle_timeout, None)
 
     def _stream(self, code: str, options: dict[str, Any], window: int,
                 idle_timeout: float | None, session: SessionState | None
-                ) -> AsyncIterator[Any]:
+                ) -> AsyncGenerator[Any, None]:
         window, idle_timeout = _stream_limits(window, idle_timeout)
         request, host = self._prepare(code, options, session=session)
         if session is not None:
@@ -792,23 +810,23 @@ class AsyncIsoBox(_BoxCore):
 
     async def _stream_values(self, request: RunRequest, host: HostFunctions, window: int,
                              idle_timeout: float | None, session: SessionState | None
-                             ) -> AsyncIterator[Any]:
+                             ) -> AsyncGenerator[Any, None]:
+        # Inner async generators are closed explicitly (aclosing): closing this one must run
+        # their cleanup (CANCEL, return()) before it returns, not when the loop finalizes them.
         if session is None:
-            async for value in self._stream_on(request, host, window, idle_timeout, None):
-                yield value
+            async with contextlib.aclosing(self._stream_on(request, host, window, idle_timeout,
+                                                           None)) as inner:
+                async for value in inner:
+                    yield value
             return
-        lock = session.async_lock()
-        try:
-            async with asyncio.timeout(request.options.timeout):
-                await lock.acquire()
-        except builtins.TimeoutError:
-            raise SessionError(f"session {session.id!r} stayed busy for "
-                               f"{request.options.timeout}s") from None
+        lock = await _ahold(session, request.options.timeout)
         try:
             session.check()
             session.busy += 1
-            async for value in self._stream_on(request, host, window, idle_timeout, session):
-                yield value
+            async with contextlib.aclosing(self._stream_on(request, host, window, idle_timeout,
+                                                           session)) as inner:
+                async for value in inner:
+                    yield value
         finally:
             session.busy -= 1
             session.touch()
@@ -816,14 +834,16 @@ class AsyncIsoBox(_BoxCore):
 
     async def _stream_on(self, request: RunRequest, host: HostFunctions, window: int,
                          idle_timeout: float | None, session: SessionState | None
-                         ) -> AsyncIterator[Any]:
+                         ) -> AsyncGenerator[Any, None]:
         started = time.monotonic()
         streamed: list[tuple[str, str]] = []
         sink = self._output_sink(request, streamed)
         if self._pool is None:
-            async for value in self._local_stream(request, host, sink, window=window,
-                                                  session=session, started=started):
-                yield value
+            async with contextlib.aclosing(self._local_stream(
+                    request, host, sink, window=window, session=session,
+                    started=started)) as inner:
+                async for value in inner:
+                    yield value
             return
         stream: PoolStream | None = None
         try:
@@ -836,13 +856,15 @@ class AsyncIsoBox(_BoxCore):
             reply = stream.result or {}
             if session is not None:
                 self._session_done(session, None, reply)
-            self._stream_end(request, reply, stream.pid, started)
         except (TimeoutError, WorkerCrashedError) as exc:
             self._failed(exc, started)
             raise
         finally:
             if stream is not None and stream.result is None:
                 await stream.aclose()
+        error = self._stream_end(request, reply, stream.pid, started)
+        if error is not None:
+            raise error
 
     async def _open_stream(self, request: RunRequest, host: HostFunctions, sink: Any,
                            session: SessionState | None, *, window: int,
@@ -867,7 +889,7 @@ class AsyncIsoBox(_BoxCore):
 
     async def _local_stream(self, request: RunRequest, host: HostFunctions, sink: Any, *,
                             window: int, session: SessionState | None, started: float
-                            ) -> AsyncIterator[Any]:
+                            ) -> AsyncGenerator[Any, None]:
         spec = dataclasses.replace(self._local_spec(request), stream=True)
         if session is not None:
             if session.engine is None:
@@ -883,8 +905,10 @@ class AsyncIsoBox(_BoxCore):
                     yield value
         finally:
             await asyncio.to_thread(stream.close)
-        self._stream_end(request, reply_body(stream.outcome) if stream.outcome else {},
-                         None, started)
+        error = self._stream_end(request, reply_body(stream.outcome) if stream.outcome else {},
+                                 None, started)
+        if error is not None:
+            raise error
 
     # -- sessions --------------------------------------------------------------------------
     async def create_session(self, session_id: str, *, ttl: float | None = 600.0,
@@ -898,31 +922,34 @@ class AsyncIsoBox(_BoxCore):
 
     async def _session_execute(self, state: SessionState, code: str,
                                options: dict[str, Any]) -> ExecutionResult:
-        async with state.async_lock():
+        state.check()
+        request, host = self._prepare(code, options, session=state)
+        lock = await _ahold(state, request.options.timeout)
+        try:
             state.check()
             state.busy += 1
-            try:
-                request, host = self._prepare(code, options, session=state)
-                reply, pid, started, streamed = await self._send(request, host, state)
-                state.execution_count += 1
-                return self._complete(request, reply, pid, started, streamed)
-            finally:
-                state.busy -= 1
-                state.touch()
+            reply, pid, started, streamed = await self._send(request, host, state)
+            state.execution_count += 1
+            return self._complete(request, reply, pid, started, streamed)
+        finally:
+            state.busy -= 1
+            state.touch()
+            lock.release()
 
     async def _session_state(self, state: SessionState, new: Mapping[str, Any] | None
                              ) -> dict[str, Any]:
-        async with state.async_lock():
+        state.check()
+        request, host = self._state_request(state, new)
+        lock = await _ahold(state, request.options.timeout)
+        try:
             state.check()
             state.busy += 1
-            try:
-                request, host = self._state_request(state, new)
-                reply, _pid, _started, _streamed = await self._send(request, host, state,
-                                                                    "state")
-                return self._state_of(request, reply)
-            finally:
-                state.busy -= 1
-                state.touch()
+            reply, _pid, _started, _streamed = await self._send(request, host, state, "state")
+            return self._state_of(request, reply)
+        finally:
+            state.busy -= 1
+            state.touch()
+            lock.release()
 
     async def pool_stats(self) -> PoolStats:
         """Per-worker figures (rss, uss, cpu) and pool counts."""

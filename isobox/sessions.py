@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -105,7 +105,7 @@ class Session:
         return self._box._session_execute(self._state, code, options)
 
     def run_stream(self, code: str, *, window: int = 256, idle_timeout: float | None = None,
-                   **options: Any) -> Iterator[Any]:
+                   **options: Any) -> Generator[Any, None, None]:
         """Stream the values ``code`` yields, in the session's context."""
         return self._box._stream(code, options, window, idle_timeout,
                                  self._state)
@@ -158,7 +158,7 @@ class AsyncSession:
         return await self._box._session_execute(self._state, code, options)
 
     def run_stream(self, code: str, *, window: int = 256, idle_timeout: float | None = None,
-                   **options: Any) -> AsyncIterator[Any]:
+                   **options: Any) -> AsyncGenerator[Any, None]:
         """Stream the values ``code`` yields, in the session's context (async iterator)."""
         return self._box._stream(code, options, window, idle_timeout,
                                  self._state)

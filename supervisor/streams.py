@@ -139,15 +139,15 @@ class PoolStream:
             deadline, idle = self._deadline()
             try:
                 frame = handle.recv(deadline)
-                if frame is None:
-                    raise self._timeout(idle)
-                answer = self._on_frame(frame)
+                answer = self._on_frame(frame) if frame is not None else None
                 if answer is not None:
                     handle.send(answer, self.kill_at)
             except (ChannelClosed, ProtocolError) as exc:
                 raise self._lost(exc) from None
-            except builtins.TimeoutError:
+            except builtins.TimeoutError:  # a host call or a send ran past the deadline
                 raise self._timeout(False) from None
+            if frame is None:
+                raise self._timeout(idle)
         return self.batches.popleft()
 
     def consumed(self, n: int) -> None:
@@ -199,8 +199,10 @@ class PoolStream:
                 raise self._timeout(idle) from None
             except (ChannelClosed, ProtocolError) as exc:
                 raise self._lost(exc) from None
+            except asyncio.CancelledError:
+                raise  # the consumer's aclose() then sends CANCEL, so return() runs
             except BaseException:
-                self._abandon("the stream was cancelled")
+                self._abandon("the stream was interrupted")
                 raise
         return self.batches.popleft()
 

@@ -191,7 +191,7 @@
     const t0 = now(), want = Math.min(n, batch);
     const push = (v) => {
       let t;
-      try { t = hot.enc(v); } catch (e) { const f = C().encodeFailure(e, v, 'stream value ' + S.idx); throw { iso: f }; }
+      try { t = hot.enc(v); } catch (e) { const f = C().encodeFailure(e, v, 'stream[' + S.idx + ']'); throw { iso: f }; }
       S.idx++;
       if (t === undefined) t = 'null';
       if (t.length > S.lim.result) throw { iso: ['S', C().tooLarge(t.length)] };
@@ -231,7 +231,8 @@
       }
     } catch (e) {
       st = 'F';
-      if (e !== null && typeof e === 'object' && hasOwn(e, 'iso') && keys(e).length === 1) tail = e.iso[0] + e.iso[1];
+      if (S.oom(e)) tail = 'M{}';
+      else if (e !== null && typeof e === 'object' && hasOwn(e, 'iso') && keys(e).length === 1) tail = e.iso[0] + e.iso[1];
       else { const f = C().failure({ ok: false, error: e }); tail = f[0] + f[1]; }
     }
     // Slow start: a batch that filled quickly may double; one cut short by time starts over,

@@ -20,6 +20,7 @@
     if (e === null) return true;
     try { return typeof e === 'object' && gp(e) === IEP && e.message === 'out of memory'; } catch (_) { return false; }
   };
+  S.oom = oom;
   // The console is built by hot.js on first touch: runs that never log do not parse it.
   let c = null;
   dp(G, 'console', { configurable: true, get: () => c || (c = H().console()),
