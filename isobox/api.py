@@ -276,8 +276,11 @@ class _BoxCore:
             if self._events.has("error"):
                 self._events.emit("error", {"error": error})
 
-    def _failed(self, error: IsoBoxError, started: float) -> None:
-        """Record a run that ended without a reply (wall timeout, crash)."""
+    def _failed(self, error: IsoBoxError, started: float, limit: float = 0.0) -> None:
+        """Record a run that ended without a reply (wall timeout, crash); a watchdog timeout
+        learns the run's limit here (the pool does not know it)."""
+        if isinstance(error, TimeoutError) and not error.limit:
+            error.limit = limit
         self._record(time.monotonic() - started, 0.0, 0, error, error.worker_pid)
 
     def _validation(self, request: RunRequest, reply: dict[str, Any]) -> CodeValidation:
@@ -572,7 +575,7 @@ class IsoBox(_BoxCore):
             raise WorkerCrashedError("the session's worker kept leaving the pool",
                                      cause="session placement")
         except (TimeoutError, WorkerCrashedError) as exc:
-            self._failed(exc, started)
+            self._failed(exc, started, request.options.timeout)
             raise
 
     def run_stream(self, code: str, *, window: int = 256, idle_timeout: float | None = None,
@@ -640,7 +643,7 @@ class IsoBox(_BoxCore):
             if session is not None:
                 self._session_done(session, None, reply)
         except (TimeoutError, WorkerCrashedError) as exc:
-            self._failed(exc, started)
+            self._failed(exc, started, request.options.timeout)
             raise
         finally:
             if stream is not None and stream.result is None:
@@ -689,7 +692,11 @@ class IsoBox(_BoxCore):
         try:
             state.check()
             state.busy += 1
-            reply, pid, started, streamed = self._send(request, host, state)
+            try:
+                reply, pid, started, streamed = self._send(request, host, state)
+            except (TimeoutError, WorkerCrashedError):
+                state.execution_count += 1  # it ran (or was let run) and died: it counts
+                raise
             state.execution_count += 1
             return self._complete(request, reply, pid, started, streamed)
         finally:
@@ -790,7 +797,7 @@ class AsyncIsoBox(_BoxCore):
             raise WorkerCrashedError("the session's worker kept leaving the pool",
                                      cause="session placement")
         except (TimeoutError, WorkerCrashedError) as exc:
-            self._failed(exc, started)
+            self._failed(exc, started, request.options.timeout)
             raise
 
     def run_stream(self, code: str, *, window: int = 256, idle_timeout: float | None = None,
@@ -857,7 +864,7 @@ class AsyncIsoBox(_BoxCore):
             if session is not None:
                 self._session_done(session, None, reply)
         except (TimeoutError, WorkerCrashedError) as exc:
-            self._failed(exc, started)
+            self._failed(exc, started, request.options.timeout)
             raise
         finally:
             if stream is not None and stream.result is None:
@@ -928,7 +935,11 @@ class AsyncIsoBox(_BoxCore):
         try:
             state.check()
             state.busy += 1
-            reply, pid, started, streamed = await self._send(request, host, state)
+            try:
+                reply, pid, started, streamed = await self._send(request, host, state)
+            except (TimeoutError, WorkerCrashedError):
+                state.execution_count += 1  # it ran (or was let run) and died: it counts
+                raise
             state.execution_count += 1
             return self._complete(request, reply, pid, started, streamed)
         finally:

@@ -653,7 +653,10 @@ def test_timeout_bounds_the_whole_stream(box: IsoBox) -> None:
     """timeout bounds the whole stream: an infinite stream consumed eagerly ends in a wall
     TimeoutError after some values, and the box keeps serving."""
     started = time.monotonic()
-    got, error = drain(box.run_stream("let i = 0; while (true) yield i++", timeout=0.5))
+    # A producer that is always busy spends CPU as fast as wall time: a generous cpu_timeout
+    # makes the wall bound the one that ends it.
+    got, error = drain(box.run_stream("let i = 0; while (true) yield i++", timeout=0.5,
+                                      cpu_timeout=10.0))
     assert isinstance(error, BoxTimeoutError), repr(error)
     assert error.kind == "wall"
     assert 0.4 < time.monotonic() - started < 3.0
@@ -666,7 +669,7 @@ def test_timeout_bounds_the_whole_stream_async() -> None:
     async def body(box: AsyncIsoBox) -> None:
         started = time.monotonic()
         got, error = await adrain(box.run_stream("let i = 0; while (true) yield i++",
-                                                 timeout=0.5))
+                                                 timeout=0.5, cpu_timeout=10.0))
         assert isinstance(error, BoxTimeoutError), repr(error)
         assert error.kind == "wall"
         assert 0.4 < time.monotonic() - started < 3.0

@@ -283,6 +283,15 @@
   const isWs = (c) => c !== undefined && ap(RegExp.prototype.test, WS, [c]);
   const REGEX_AFTER = new Set(['', 'return', 'typeof', 'instanceof', 'in', 'of', 'new', 'delete', 'void', 'throw', 'case', 'do', 'else', 'yield', 'await']);
   function repl(code) {
+    // The next token's start after whitespace and comments.
+    const skipBlank = (k) => {
+      for (;;) {
+        while (isWs(code[k])) k++;
+        if (code[k] === '/' && code[k + 1] === '*') { const e = ap(indexOf, code, ['*/', k + 2]); if (e < 0) return code.length; k = e + 2; continue; }
+        if (code[k] === '/' && code[k + 1] === '/') { while (k < code.length && code[k] !== '\n') k++; continue; }
+        return k;
+      }
+    };
     if (ap(indexOf, code, ['let']) < 0 && ap(indexOf, code, ['const']) < 0 && ap(indexOf, code, ['class']) < 0) return code;
     const out = [], stack = [];
     let i = 0, last = '', lastKind = '', from = 0, nl = false, classAt = -1;
@@ -302,12 +311,13 @@
       if (c === '`' || (c === '}' && stack.length && stack[stack.length - 1] === '${')) {
         if (c === '}') stack.length--;
         i++;
+        let opened = false;
         while (i < n && code[i] !== '`') {
           if (code[i] === '\\') { i += 2; continue; }
-          if (code[i] === '$' && code[i + 1] === '{') { stack[stack.length] = '${'; i += 2; break; }
+          if (code[i] === '$' && code[i + 1] === '{') { stack[stack.length] = '${'; i += 2; opened = true; break; }
           i++;
         }
-        if (code[i] === '`') i++;
+        if (!opened && code[i] === '`') i++;  // the closing backtick (not one inside ${...})
         last = 'str'; lastKind = 'v'; nl = false; continue;
       }
       if (c === '/' && (lastKind === 'op' || REGEX_AFTER.has(last))) {
@@ -329,12 +339,11 @@
         const word = ap(slice, code, [i, j]);
         const atStart = stack.length === 0 && (last === '' || last === ';' || last === '}' || (nl && lastKind !== 'op'));
         if (stack.length === 0 && (word === 'let' || word === 'const') && last !== '.') {
-          let k = j;
-          while (isWs(code[k])) k++;
-          if (atStart && (isId(code[k]) || code[k] === '[' || code[k] === '{') && ap(slice, code, [k, k + 2]) !== 'in') emit(i, 'var'), from = j;
+          const k = skipBlank(j);
+          const inWord = ap(slice, code, [k, k + 2]) === 'in' && !isId(code[k + 2]);
+          if (atStart && (isId(code[k]) || code[k] === '[' || code[k] === '{') && !inWord) emit(i, 'var'), from = j;
         } else if (word === 'class' && atStart) {
-          let k = j;
-          while (isWs(code[k])) k++;
+          const k = skipBlank(j);
           let e = k;
           while (isId(code[e])) e++;
           const name = ap(slice, code, [k, e]);
