@@ -500,6 +500,16 @@ async def _ahold(state: SessionState, timeout: float) -> asyncio.Lock:
     return lock
 
 
+def _stream_engine(session: SessionState | None) -> Engine:
+    """In-process mode: a session's own engine, or a new one for a stream (a stream may be
+    pumped from several threads, so it never uses a thread's shared engine)."""
+    if session is None:
+        return Engine()
+    if session.engine is None:
+        session.engine = Engine()
+    return session.engine
+
+
 def _count(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -656,13 +666,7 @@ class IsoBox(_BoxCore):
                       window: int, session: SessionState | None, started: float
                       ) -> Generator[Any, None, None]:
         spec = dataclasses.replace(self._local_spec(request), stream=True)
-        if session is not None:
-            if session.engine is None:
-                session.engine = Engine()
-            engine = session.engine
-        else:
-            engine = Engine()
-        stream = engine.open_stream(spec, _LocalIO(sink, host))
+        stream = _stream_engine(session).open_stream(spec, _LocalIO(sink, host))
         try:
             while not stream.done:
                 items, _count = stream.pump(window)
@@ -898,13 +902,8 @@ class AsyncIsoBox(_BoxCore):
                             window: int, session: SessionState | None, started: float
                             ) -> AsyncGenerator[Any, None]:
         spec = dataclasses.replace(self._local_spec(request), stream=True)
-        if session is not None:
-            if session.engine is None:
-                session.engine = Engine()
-            engine = session.engine
-        else:
-            engine = Engine()
-        stream = await asyncio.to_thread(engine.open_stream, spec, _LocalIO(sink, host))
+        stream = await asyncio.to_thread(_stream_engine(session).open_stream, spec,
+                                         _LocalIO(sink, host))
         try:
             while not stream.done:
                 items, _count = await asyncio.to_thread(stream.pump, window)

@@ -25,6 +25,7 @@ from typing import Any
 
 import psutil
 import pytest
+from helpers import alive, serving_pids, wait_until
 
 import isobox
 from isobox import (
@@ -46,29 +47,6 @@ EVENTS = ("worker:crashed", "worker:recycled", "worker:started", "timeout", "err
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def alive(pid: int) -> bool:
-    """True while ``pid`` is a live process (a zombie counts as gone: it runs nothing)."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> bool:
-    """Poll ``pred`` until it is true or ``timeout`` seconds pass; returns its last value."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(interval)
-    return pred()
-
-
-def serving_pids(box: IsoBox) -> set[int]:
-    """Pids of the workers that are up (idle or busy), not starting or stopping."""
-    return {w.pid for w in box.pool_stats().workers if w.state in ("idle", "busy")}
-
-
 def pool_full_without(box: IsoBox, gone: int, size: int = 2) -> bool:
     """The pool is back to ``size`` serving workers and ``gone`` is not one of them."""
     pids = serving_pids(box)

@@ -21,6 +21,7 @@ from typing import Any
 
 import psutil
 import pytest
+from helpers import alive, serving_pids, wait_until
 
 from isobox import (
     AsyncIsoBox,
@@ -51,29 +52,6 @@ _ids = itertools.count(1)
 def new_id(prefix: str = "s") -> str:
     """A session id no other test uses."""
     return f"{prefix}-{next(_ids)}"
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` is a live process (a zombie counts as gone)."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> bool:
-    """Poll ``pred`` until it is true or ``timeout`` seconds pass; returns its last value."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(interval)
-    return pred()
-
-
-def worker_pids(box: IsoBox) -> set[int]:
-    """Pids of the box's workers that are up (idle or busy)."""
-    return {w.pid for w in box.pool_stats().workers if w.state in ("idle", "busy")}
 
 
 def pid_of(session: Session) -> int:
@@ -608,7 +586,7 @@ def test_neighbour_failures_do_not_cost_a_session_its_closures(
     assert box.run("typeof n") == "undefined"
     assert a.run("inc1()") == 1
     assert pid_of(a) == pid
-    assert worker_pids(box) == {pid}
+    assert serving_pids(box) == {pid}
 
 
 def test_a_worker_holding_sessions_is_not_recycled_at_max_runs(
@@ -621,7 +599,7 @@ def test_a_worker_holding_sessions_is_not_recycled_at_max_runs(
     for expected in range(1, 11):
         assert s.run("inc1()") == expected
     assert pid_of(s) == pid
-    assert worker_pids(box) == {pid}
+    assert serving_pids(box) == {pid}
 
 
 # -- 5. TTL ----------------------------------------------------------------------------------
@@ -856,7 +834,7 @@ def test_many_sessions_spread_over_workers_and_stay_consistent(
     assert [s.run("n") for s in sessions] == [3 * i for i in range(8)]
     per_worker = collections.Counter(pid_of(s) for s in sessions)
     assert sorted(per_worker.values()) == [4, 4]
-    assert set(per_worker) == worker_pids(box)
+    assert set(per_worker) == serving_pids(box)
     ninth = box.create_session(new_id())
     with pytest.raises(SessionError, match=r"every worker already holds 4 sessions \(pool max 2\)"):
         ninth.run("1")
