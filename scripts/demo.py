@@ -1,4 +1,5 @@
-"""A tour of IsoBox on its embedded defaults: values, console, errors, limits, pool figures."""
+"""A tour of IsoBox on its embedded defaults: values, console, errors, limits, streams,
+sessions, host functions, timers and pool figures."""
 
 from __future__ import annotations
 
@@ -30,6 +31,16 @@ def main() -> None:
                 box.run(code, timeout=0.2)
             except isobox.IsoBoxError as exc:
                 print(f"{label:<22} -> {type(exc).__name__}: {exc}")
+        stream = box.run_stream("for (let i = 0; i < 5; i++) yield i * 2")
+        print("run_stream             ->", list(stream))
+        print("host function + timer  ->", box.run(
+            "new Promise(r => setTimeout(() => r(lookup('ada')), 20))",
+            functions={"lookup": lambda name: {"name": name, "admin": True}}))
+        with box.create_session("demo", ttl=60) as session:
+            session.run("let counter = 0; const greet = (n) => 'hi ' + n")
+            session.run("counter++")
+            print("session                ->", session.run("counter++; greet(counter)"),
+                  "state", session.get_state())
         box.warmup_pool()
         for worker in box.pool_stats().workers:
             print(f"worker {worker.pid}: {worker.state}, rss {worker.rss / 2**20:.1f} MiB, "
