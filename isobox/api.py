@@ -44,6 +44,7 @@ from isobox.events import EventEmitter, Handler
 from isobox.host import HostFunctions
 from isobox.metrics import MetricsRecorder
 from isobox.options import RUN_OVERRIDES, BoxOptions, RunRequest, build_request, pool_config
+from isobox.projects import RequirePolicy, normalize_files, virtual_path
 from isobox.results import (
     CodeValidation,
     ExecutionMetrics,
@@ -111,10 +112,11 @@ class _BoxCore:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         if address is not None:
             raise IsoBoxError("remote mode (address=...) is not available yet")
-        for unsupported in ("filesystem", "require"):
-            if options.get(unsupported):
-                raise IsoBoxError(f"the {unsupported!r} option is not available yet")
-            options.pop(unsupported, None)
+        if options.get("filesystem"):
+            raise IsoBoxError("the 'filesystem' option is not available yet")
+        options.pop("filesystem", None)
+        self._require = RequirePolicy.from_option(options.pop("require", None))
+        self._packages: dict[str, dict[str, str]] = {}  # node_modules packages, read once
         self._host = HostFunctions(options.pop("functions", None) or {})
         self._max_sessions = _count("max_sessions", options.pop("max_sessions", 1000))
         self._per_worker = _count("max_sessions_per_worker",
@@ -170,6 +172,9 @@ class _BoxCore:
             host = host.merged(session.functions)
             overrides = {**session.overrides, **overrides}
         host = host.merged(overrides.pop("functions", None))
+        policy = self._require
+        if "require" in overrides:
+            policy = RequirePolicy.from_option(overrides.pop("require"))
         filename = overrides.pop("filename", None)
         language = overrides.pop("language", None)
         unknown = set(overrides) - RUN_OVERRIDES
@@ -181,7 +186,39 @@ class _BoxCore:
             request.body["functions"] = host.spec()
         if session is not None:
             request.body["session"] = session.id
+        if policy is not None:
+            request.body["require"] = policy.wire()
+            packages = policy.package_files(self._packages)
+            if packages:
+                request.body["files"] = packages
         return request, host
+
+    def _project(self, files: object, entrypoint: str, options: dict[str, Any]
+                 ) -> tuple[RunRequest, HostFunctions]:
+        """A run request for a project: the entrypoint's source as the code, every file in
+        the virtual map (after any whitelisted node_modules packages)."""
+        project = normalize_files(files)
+        entry = virtual_path(entrypoint)
+        if entry not in project:
+            raise ValueError(f"entrypoint {entry!r} is not one of the project's files")
+        # No filename: QuickJS names every evaluated file <input>, so the entry's name would
+        # be wrong for the frames of the other modules.
+        request, host = self._prepare(project[entry], options)
+        total = sum(len(code) for code in project.values())
+        if total > request.options.max_input_size:
+            raise SerializationError(f"project of {total} characters exceeds the cap of "
+                                     f"{request.options.max_input_size}", path="files")
+        request.body["files"] = {**request.body.get("files", {}), **project}
+        request.body["entry"] = entry
+        request.body.setdefault("require", {"whitelist": [], "modules": {}, "mocks": {}})
+        return request, host
+
+    def _emit_violations(self, reply: dict[str, Any]) -> None:
+        for found in reply.get("violations", ()):
+            if isinstance(found, dict):
+                self._events.emit("security:violation", {
+                    "type": str(found.get("type", "")), "severity": str(found.get("severity", "")),
+                    "details": found.get("details", {})})
 
     def _output_sink(self, request: RunRequest, collected: list[tuple[str, str]]
                      ) -> Any:
@@ -205,6 +242,7 @@ class _BoxCore:
 
     def _complete(self, request: RunRequest, reply: dict[str, Any], pid: int | None,
                   started: float, streamed: list[tuple[str, str]]) -> ExecutionResult:
+        self._emit_violations(reply)
         duration = time.monotonic() - started
         cpu_time = float(reply.get("cpu_time", 0.0))
         memory = int(reply.get("memory", 0))
@@ -449,6 +487,7 @@ class _BoxCore:
     def _stream_end(self, request: RunRequest, reply: dict[str, Any], pid: int | None,
                     started: float) -> IsoBoxError | None:
         """Record a stream that ended (once); returns its error, if it failed."""
+        self._emit_violations(reply)
         final = [(str(k), str(m)) for k, m in reply.get("console", [])]
         if final:
             sink = self._output_sink(request, [])
@@ -554,6 +593,13 @@ class IsoBox(_BoxCore):
         request, host = self._prepare(code, options, validate=True)
         reply, _pid, _started, _streamed = self._send(request, host)
         return self._validation(request, reply)
+
+    def run_project(self, files: Any, entrypoint: str, **options: Any) -> Any:
+        """Run a project of several files from ``entrypoint``; return its completion value
+        (or what it exported). See README: Projects and require."""
+        request, host = self._project(files, entrypoint, options)
+        reply, pid, started, streamed = self._send(request, host)
+        return self._complete(request, reply, pid, started, streamed).value
 
     def _send(self, request: RunRequest, host: HostFunctions,
               session: SessionState | None = None, op: str = "run"
@@ -768,6 +814,13 @@ class AsyncIsoBox(_BoxCore):
         request, host = self._prepare(code, options, validate=True)
         reply, _pid, _started, _streamed = await self._send(request, host)
         return self._validation(request, reply)
+
+    async def run_project(self, files: Any, entrypoint: str, **options: Any) -> Any:
+        """Run a project of several files from ``entrypoint``; return its completion value
+        (or what it exported)."""
+        request, host = self._project(files, entrypoint, options)
+        reply, pid, started, streamed = await self._send(request, host)
+        return self._complete(request, reply, pid, started, streamed).value
 
     async def _send(self, request: RunRequest, host: HostFunctions,
                     session: SessionState | None = None, op: str = "run"

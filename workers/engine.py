@@ -30,7 +30,8 @@ _PRELUDE = resources.files(__package__).joinpath("prelude.js").read_text(encodin
 _HOT = resources.files(__package__).joinpath("hot.js").read_text(encoding="utf-8")
 _COLD = resources.files(__package__).joinpath("cold.js").read_text(encoding="utf-8")
 _LOOP = resources.files(__package__).joinpath("loop.js").read_text(encoding="utf-8")
-if not (_PRELUDE.isascii() and _HOT.isascii() and _COLD.isascii() and _LOOP.isascii()):
+_MODS = resources.files(__package__).joinpath("modules.js").read_text(encoding="utf-8")
+if not all(src.isascii() for src in (_PRELUDE, _HOT, _COLD, _LOOP, _MODS)):
     raise RuntimeError("the JS prelude and libraries must be ASCII")
 _MIN_CALL_BUDGET = 0.001
 _MAX_JOBS = 10_000_000  # a backstop: the CPU budget ends job floods long before this
@@ -61,6 +62,9 @@ class RunSpec:
     session: str | None = None
     restore_json: str | None = None  # a session's checkpoint, applied when its context is new
     restore_tagged: bool = False
+    files: dict[str, str] | None = None  # a project's virtual files (path -> source)
+    entry: str | None = None  # a project's entrypoint (its source is ``code``)
+    require: dict[str, Any] | None = None  # the require policy (whitelist, modules, mocks)
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> RunSpec:
@@ -89,6 +93,7 @@ class RunOutcome:
     retire: bool = False
     state: str | None = None
     dropped: bool = False  # the session's context was discarded (restore it from a checkpoint)
+    violations: list[dict[str, Any]] = field(default_factory=list)  # security:violation events
 
 
 _SPEC_FIELDS = frozenset(RunSpec.__dataclass_fields__)
@@ -160,7 +165,7 @@ class _WallExpired(Exception):
 class JsContext:
     """One QuickJS context with the trusted prelude: a fresh run's, or a session's."""
 
-    __slots__ = ("ctx", "fn", "host_bound", "session")
+    __slots__ = ("ctx", "fn", "host_bound", "mods", "session")
 
     def __init__(self) -> None:
         self.ctx = _quickjs.Context()
@@ -169,6 +174,7 @@ class JsContext:
         self.fn("cold", _COLD)
         self.fn("loop", _LOOP)
         self.host_bound = False
+        self.mods = False  # modules.js handed over (only contexts that need it pay for it)
         self.session = False
 
 
@@ -248,6 +254,14 @@ class _Drive:
             self.call(".settle", json.dumps([cid, reply]), user=True)
         return True
 
+    def violations(self) -> list[dict[str, Any]]:
+        """The run's security violations (``security:violation`` events for the host)."""
+        try:
+            found = json.loads(self.call("violations"))
+        except (ValueError, _CpuExhausted, _quickjs.JSException):
+            return []
+        return [v for v in found if isinstance(v, dict)][:100] if isinstance(found, list) else []
+
     def request(self) -> str:
         spec = self.spec
         limits = json.dumps({"result": spec.max_result, "console": spec.max_console,
@@ -260,6 +274,12 @@ class _Drive:
             extra += ',"stream":true'
         if self.jc.session:
             extra += ',"session":true'
+        if spec.entry is not None:
+            extra += f',"project":{json.dumps(spec.entry)}'
+        if spec.files:
+            extra += f',"files":{json.dumps(spec.files)}'
+        if spec.require is not None:
+            extra += f',"require":{json.dumps(spec.require)}'
         # Globals and env arrive as JSON text already; splice them in rather than re-encode.
         return (f'{{"limits":{limits},"console":{json.dumps(spec.console)},'
                 f'"tagged":{"true" if spec.tagged else "false"},"code":{json.dumps(spec.code)},'
@@ -267,6 +287,10 @@ class _Drive:
 
     def start(self) -> None:
         """Set the globals up and evaluate the code (one crossing)."""
+        if (self.spec.entry is not None or self.spec.require is not None
+                or self.spec.files) and not self.jc.mods:
+            self.call("mods", _MODS)
+            self.jc.mods = True
         if self.unlimited and not self.jc.host_bound:
             self.jc.ctx.add_callable("__isoboxHost", self.engine.host_trampoline)
             self.jc.host_bound = True
@@ -380,7 +404,10 @@ class Engine:
             return RunOutcome("C", error) if error else RunOutcome("R", "null\nnull")
         drive.start()
         text = drive.settle()
-        return _parse_finish(_NEVER if text == "L" else text, spec)
+        outcome = _parse_finish(_NEVER if text == "L" else text, spec)
+        if self_mods(drive):
+            outcome.violations = drive.violations()
+        return outcome
 
     def _guard(self, drive: _Drive, body: Callable[[], RunOutcome]) -> RunOutcome:
         """Run ``body``, turning engine-level failures into outcomes; figures filled in."""
@@ -543,6 +570,11 @@ class Stream:
         self._end(self.engine._guard(drive, body))
 
 
+def self_mods(drive: _Drive) -> bool:
+    """Whether the run used the module system (only then can it have violations)."""
+    return drive.jc.mods
+
+
 def _count_items(items: str) -> int:
     """How many values a pump's JSON array holds (parsed: values may contain commas)."""
     return len(json.loads(items))
@@ -613,10 +645,20 @@ _TRUSTED_FRAMES = ("at dispatch (", "at isobox (", "at failed ", "at settle ", "
                    "at isoboxPump (", "at isoboxSettle (", "at isoboxClose (")
 
 
+_LIBRARY_FRAME = "at isoboxMod"  # the module system's frames, between user frames
+
+
 def clean_stack(stack: str) -> str:
     """Drop the prelude's own frames (and the native call that entered user code) from a
-    stack: everything from the first trusted frame on."""
-    lines = stack.splitlines()
+    stack: everything from the first trusted frame on, and the module system's frames (with
+    the native call into them) wherever they are."""
+    lines: list[str] = []
+    for line in stack.splitlines():
+        if _LIBRARY_FRAME in line:
+            while lines and lines[-1].strip().endswith("(native)"):
+                lines.pop()
+            continue
+        lines.append(line)
     for i, line in enumerate(lines):
         if any(marker in line for marker in _TRUSTED_FRAMES):
             keep = lines[:i]

@@ -10,9 +10,11 @@
   const P = Promise, then = P.prototype.then, dp = Object.defineProperty, slice = String.prototype.slice;
   const IEP = InternalError.prototype, gp = Object.getPrototypeOf;
   const S = { st: null, unc: null, it: null, nx: null, mode: 'redirect', con: [], n: 0, over: false,
-    lim: null, hotSrc: '', coldSrc: '', loopSrc: '', hot: null, cold: null, loop: null, G, ev, JS, JP, ap, P, dp, gp };
+    lim: null, hotSrc: '', coldSrc: '', loopSrc: '', modSrc: '', hot: null, cold: null, loop: null, mods: null,
+    violations: [], G, ev, JS, JP, ap, P, dp, gp };
   const H = () => S.hot || (S.hot = ev(S.hotSrc)(S));
   const L = () => S.loop || (S.loop = ev(S.loopSrc)(S, H));
+  const MOD = () => S.mods || (S.mods = ev(S.modSrc)(S, H));
   // QuickJS throws InternalError("out of memory"), or null when it cannot even allocate that;
   // caught here, before any library would have to be parsed in an exhausted heap.
   // No instanceof on thrown values: a Proxy trap or Symbol.hasInstance would run user code here.
@@ -46,16 +48,22 @@
       case 'setup': case 'run': {
         const cfg = JP(a);
         S.lim = cfg.limits; S.mode = cfg.console;
-        S.st = null; S.unc = null; S.con = []; S.n = 0; S.over = false;
+        S.st = null; S.unc = null; S.con = []; S.n = 0; S.over = false; S.violations = [];
         if (S.loop !== null) S.loop.reset();
         if (cfg.globals !== null || cfg.env !== null) H().setup(cfg);
         if (cfg.fns) L().bind(cfg.fns);
+        let entry = null;
+        if (cfg.project || cfg.require || cfg.files) {
+          MOD().setup(cfg);
+          if (cfg.project) entry = MOD().entry(cfg.project); else MOD().globalRequire();
+        }
         if (op === 'setup') return 'ok';
         let code = cfg.code;
         if (cfg.session) code = L().repl(code);
         try {
           if (cfg.stream) { const r = L().streamStart(code); if (r !== null) return r; }
-          return S.settle(ev(code));
+          const v = ev(code);
+          return S.settle(entry !== null && v === undefined ? MOD().exportsOf(entry) : v);
         } catch (e) {
           if (oom(e)) { S.st = { ok: false, error: e }; return 'D'; }
           return H().failed(e, code);
@@ -79,6 +87,8 @@
       case 'hot': S.hotSrc = a; return 'ok';
       case 'cold': S.coldSrc = a; return 'ok';
       case 'loop': S.loopSrc = a; return 'ok';
+      case 'mods': S.modSrc = a; return 'ok';
+      case 'violations': return S.violations.length ? ap(slice, JS(S.violations), [0]) : '[]';
       default: return ap(slice, op[0] === '.' ? L().op(op, a) : H().op(op, a), [0]);
     }
   }

@@ -54,6 +54,8 @@ def reply_body(outcome: RunOutcome) -> dict[str, Any]:
         body["state"] = outcome.state
     if outcome.dropped:
         body["dropped"] = True
+    if outcome.violations:
+        body["violations"] = outcome.violations
     return body
 
 
