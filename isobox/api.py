@@ -18,12 +18,14 @@ import asyncio
 import builtins
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import sys
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable, Generator, Mapping
 from typing import Any
 
@@ -67,6 +69,7 @@ log = logging.getLogger("isobox")
 
 _MODES = ("process", "inprocess")
 _SWEEP_EVERY = 0.1  # seconds between TTL sweeps while sessions exist
+_TRANSPILE_CACHE = 1024  # TypeScript snippets whose JS the box keeps
 
 
 class _LocalIO(EngineIO):
@@ -116,6 +119,11 @@ class _BoxCore:
             raise IsoBoxError("the 'filesystem' option is not available yet")
         options.pop("filesystem", None)
         self._require = RequirePolicy.from_option(options.pop("require", None))
+        typescript = options.pop("typescript", "lazy")
+        if typescript not in ("lazy", "preload"):
+            raise ValueError(f"typescript must be 'lazy' or 'preload', got {typescript!r}")
+        self._transpiled: OrderedDict[str, str] = OrderedDict()  # TypeScript, by content hash
+        self._transpiled_lock = threading.Lock()
         self._packages: dict[str, dict[str, str]] = {}  # node_modules packages, read once
         self._host = HostFunctions(options.pop("functions", None) or {})
         self._max_sessions = _count("max_sessions", options.pop("max_sessions", 1000))
@@ -125,7 +133,8 @@ class _BoxCore:
         self._sessions_lock = threading.Lock()
         self._sweeper: threading.Thread | None = None
         self._options = BoxOptions(**options)
-        config = pool_config(pool)
+        config = dataclasses.replace(pool_config(pool),
+                                     preload_typescript=typescript == "preload")
         self._mode = mode
         self._events = EventEmitter()
         self._metrics = MetricsRecorder()
@@ -191,7 +200,33 @@ class _BoxCore:
             packages = policy.package_files(self._packages)
             if packages:
                 request.body["files"] = packages
+        if request.body.get("typescript"):
+            request = self._cached_transpile(request)
         return request, host
+
+    def _cached_transpile(self, request: RunRequest) -> RunRequest:
+        """A TypeScript snippet seen before runs as its cached JS: no compiler at all."""
+        body = request.body
+        key = hashlib.sha256(f"{body['filename']}\0{body['code']}".encode(
+            "utf-8", "surrogatepass")).hexdigest()
+        with self._transpiled_lock:
+            code = self._transpiled.get(key)
+            if code is not None:
+                self._transpiled.move_to_end(key)
+        if code is None:
+            return dataclasses.replace(request, cache_key=key)
+        body["code"] = code
+        del body["typescript"]
+        return request
+
+    def _remember_transpile(self, request: RunRequest, reply: dict[str, Any]) -> None:
+        transpiled = reply.get("transpiled")
+        if request.cache_key is None or not isinstance(transpiled, str):
+            return
+        with self._transpiled_lock:
+            self._transpiled[request.cache_key] = transpiled
+            while len(self._transpiled) > _TRANSPILE_CACHE:
+                self._transpiled.popitem(last=False)
 
     def _project(self, files: object, entrypoint: str, options: dict[str, Any]
                  ) -> tuple[RunRequest, HostFunctions]:
@@ -243,6 +278,7 @@ class _BoxCore:
     def _complete(self, request: RunRequest, reply: dict[str, Any], pid: int | None,
                   started: float, streamed: list[tuple[str, str]]) -> ExecutionResult:
         self._emit_violations(reply)
+        self._remember_transpile(request, reply)
         duration = time.monotonic() - started
         cpu_time = float(reply.get("cpu_time", 0.0))
         memory = int(reply.get("memory", 0))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from isobox import values
-from isobox.errors import IsoBoxError, SerializationError
+from isobox.errors import SerializationError
 from isobox.supervisor.pool import PoolConfig
 
 __all__ = ["BoxOptions", "RunRequest", "pool_config"]
@@ -128,6 +128,7 @@ class RunRequest:
     body: dict[str, Any]
     options: BoxOptions
     filename: str | None
+    cache_key: str | None = None  # a TypeScript snippet's key in the box's transpile cache
 
 
 def build_request(code: str, options: BoxOptions, filename: str | None = None,
@@ -135,10 +136,10 @@ def build_request(code: str, options: BoxOptions, filename: str | None = None,
     """Validate ``code`` and encode the run for a worker (or the in-process engine)."""
     if not isinstance(code, str):
         raise TypeError(f"code must be str, not {type(code).__name__}")
-    is_ts = bool(filename and filename.endswith((".ts", ".tsx")))
+    is_ts = bool(filename and filename.endswith((".ts", ".tsx", ".mts", ".cts")))
     lang = language or ("typescript" if is_ts else "javascript")
-    if lang != "javascript":
-        raise IsoBoxError(f"language {lang!r} is not supported yet (only 'javascript')")
+    if lang not in ("javascript", "typescript"):
+        raise ValueError(f"language must be 'javascript' or 'typescript', got {lang!r}")
     if len(code) > options.max_input_size:
         raise SerializationError(
             f"source of {len(code)} characters exceeds the cap of {options.max_input_size}",
@@ -160,6 +161,9 @@ def build_request(code: str, options: BoxOptions, filename: str | None = None,
         body["max_host_calls"] = options.max_host_calls
     if validate:
         body["validate"] = True
+    if lang == "typescript":
+        body["typescript"] = True
+        body["filename"] = filename or "input.ts"
     if options.sandbox:
         text, tagged = values.encode(dict(options.sandbox), what="sandbox",
                                      limit=options.max_input_size)

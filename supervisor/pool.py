@@ -62,6 +62,7 @@ class PoolConfig:
     max_runs: int | None = 10_000
     max_queue: int = 10_000
     start_timeout: float = 10.0
+    preload_typescript: bool = False  # the fork server loads the TypeScript compiler
 
 
 class PinLost(Exception):
@@ -107,7 +108,7 @@ class Pool:
     def __init__(self, config: PoolConfig, emit: Emit) -> None:
         self.config = config
         self._emit = emit
-        self._zygote = ZygoteClient()
+        self._zygote = ZygoteClient(preload_typescript=config.preload_typescript)
         self._lock = threading.Lock()
         self._handles: dict[int, WorkerHandle] = {}
         self._idle: deque[WorkerHandle] = deque()
@@ -665,7 +666,7 @@ class Pool:
         if zygote.alive:
             return zygote
         zygote.stop(1.0)
-        fresh = ZygoteClient()
+        fresh = ZygoteClient(preload_typescript=self.config.preload_typescript)
         fresh.start()
         with self._lock:
             closed = self._closed

@@ -48,8 +48,10 @@ class SpawnedWorker:
 class ZygoteClient:
     """Owns one fork server process."""
 
-    def __init__(self, on_exit: Callable[[int, int], None] | None = None) -> None:
+    def __init__(self, on_exit: Callable[[int, int], None] | None = None, *,
+                 preload_typescript: bool = False) -> None:
         self._on_exit = on_exit
+        self._preload_typescript = preload_typescript
         self._proc: subprocess.Popen[bytes] | None = None
         self._ctl: socket.socket | None = None
         self._send_lock = threading.Lock()
@@ -70,6 +72,8 @@ class ZygoteClient:
         """Start the fork server and wait until it has preloaded the engine."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         cmd = [sys.executable, "-m", "isobox.workers.forkserver", str(child.fileno())]
+        if self._preload_typescript:
+            cmd.append("--typescript")
         # The fork server (and so every worker's initial environment block, which stays
         # readable in /proc/PID/environ even after os.environ.clear()) gets no environment
         # beyond what Python needs to find isobox.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -65,6 +66,8 @@ class RunSpec:
     files: dict[str, str] | None = None  # a project's virtual files (path -> source)
     entry: str | None = None  # a project's entrypoint (its source is ``code``)
     require: dict[str, Any] | None = None  # the require policy (whitelist, modules, mocks)
+    typescript: bool = False  # ``code`` is TypeScript: transpile it first, in this process
+    filename: str | None = None  # the snippet's file name (for the compiler's messages)
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> RunSpec:
@@ -94,6 +97,7 @@ class RunOutcome:
     state: str | None = None
     dropped: bool = False  # the session's context was discarded (restore it from a checkpoint)
     violations: list[dict[str, Any]] = field(default_factory=list)  # security:violation events
+    transpiled: str | None = None  # the JS a TypeScript snippet became (the caller caches it)
 
 
 _SPEC_FIELDS = frozenset(RunSpec.__dataclass_fields__)
@@ -397,6 +401,9 @@ class Engine:
         return outcome
 
     def _run(self, drive: _Drive) -> RunOutcome:
+        failed = _transpile_sources(drive)
+        if failed is not None:
+            return failed
         spec = drive.spec
         if spec.validate:
             drive.call("setup", drive.request())
@@ -407,6 +414,8 @@ class Engine:
         outcome = _parse_finish(_NEVER if text == "L" else text, spec)
         if self_mods(drive):
             outcome.violations = drive.violations()
+        if spec.typescript and outcome.kind in "RE":
+            outcome.transpiled = spec.code
         return outcome
 
     def _guard(self, drive: _Drive, body: Callable[[], RunOutcome]) -> RunOutcome:
@@ -492,6 +501,9 @@ class Stream:
             self._end(outcome)
 
     def _start(self, drive: _Drive) -> RunOutcome:
+        failed = _transpile_sources(drive)
+        if failed is not None:
+            return failed
         drive.start()
         while True:
             drive.drain()
@@ -568,6 +580,45 @@ class Stream:
             return RunOutcome("R", "undefined\nnull")
 
         self._end(self.engine._guard(drive, body))
+
+
+_TS_FILE = (".ts", ".tsx", ".mts", ".cts")
+_ESM = re.compile(r"^\s*(?:import\s*[\w{*'\"]|export\s)", re.MULTILINE)
+
+
+def _transpile_sources(drive: _Drive) -> RunOutcome | None:
+    """Turn a TypeScript snippet, and a project's TypeScript and ES-module files, into
+    CommonJS JS before the run (replacing ``drive.spec``); an outcome if that failed."""
+    spec = drive.spec
+    wanted = {p for p, src in (spec.files or {}).items() if spec.entry is not None
+              and (p.endswith(_TS_FILE) or _ESM.search(src))}
+    if not spec.typescript and not wanted:
+        return None
+    from isobox.workers import typescript  # noqa: PLC0415 - only TypeScript runs load it
+
+    files = dict(spec.files or {})
+    current = ""
+    try:
+        for path in sorted(wanted):
+            current = path
+            files[path] = typescript.transpile(files[path], path,
+                                               cpu=drive.budget.remaining()).code
+        code = spec.code
+        if spec.entry is not None and spec.entry in wanted:
+            code = files[spec.entry]
+        elif spec.typescript:
+            current = spec.filename or "<input>.ts"
+            code = typescript.transpile(spec.code, current, cpu=drive.budget.remaining()).code
+    except typescript.TranspileError as exc:
+        where = f" in {current}" if spec.entry is not None else ""
+        record = {"name": "SyntaxError", "message": exc.message + where, "stack": "",
+                  "compile": True, "line": exc.line, "column": exc.column}
+        return RunOutcome("C", json.dumps(record))
+    except _quickjs.JSException as exc:
+        kind = "T" if "interrupted" in str(exc) else "M"
+        return RunOutcome(kind, "{}")
+    drive.spec = replace(spec, code=code, files=files or None)
+    return None
 
 
 def self_mods(drive: _Drive) -> bool:

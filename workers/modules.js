@@ -14,7 +14,7 @@
     'http2', 'https', 'inspector', 'module', 'net', 'os', 'path', 'perf_hooks', 'process',
     'punycode', 'querystring', 'readline', 'repl', 'stream', 'string_decoder', 'sys', 'timers',
     'tls', 'trace_events', 'tty', 'url', 'util', 'v8', 'vm', 'wasi', 'worker_threads', 'zlib']);
-  const EXTS = ['', '.js', '.json', '.cjs', '.mjs'];
+  const EXTS = ['', '.js', '.json', '.cjs', '.mjs', '.ts', '.tsx', '.mts', '.cts'];
 
   // -- paths (also the sandbox's `path` module: POSIX, pure) ----------------------------------
   function normalize(p) {
@@ -177,6 +177,8 @@
   function exportsOf(mod) {
     // An entrypoint without a completion value gives what it exported, if anything.
     const x = mod.exports;
+    // An ES module (compiled to CommonJS) gives its default export.
+    if (x !== null && typeof x === 'object' && x.__esModule === true) return x.default;
     if (x !== mod.initial) return x;
     return x !== null && typeof x === 'object' && keys(x).length ? x : undefined;
   }

@@ -56,6 +56,8 @@ def reply_body(outcome: RunOutcome) -> dict[str, Any]:
         body["dropped"] = True
     if outcome.violations:
         body["violations"] = outcome.violations
+    if outcome.transpiled is not None:
+        body["transpiled"] = outcome.transpiled
     return body
 
 
