@@ -31,7 +31,7 @@ _DRIVER = r"""(function (srcJson, name) {
   const out = ts.transpileModule(src, { fileName: name, reportDiagnostics: true,
     compilerOptions: { target: ts.ScriptTarget.ES2022, module: ts.ModuleKind.CommonJS,
       jsx: ts.JsxEmit.React, experimentalDecorators: true, useDefineForClassFields: false,
-      removeComments: false } });
+      esModuleInterop: true, removeComments: false } });
   const diags = (out.diagnostics || []).map((d) => ({ start: d.start === undefined ? -1 : d.start,
     code: d.code, message: ts.flattenDiagnosticMessageText(d.messageText, '\n') }));
   return JSON.stringify({ code: out.outputText, diagnostics: diags });
