@@ -22,6 +22,11 @@ limits, in this process):
 - Session: ``1+2`` p50 in a session against a plain ``run`` p50 on the same box.
 - Session recovery: SIGKILL the worker holding a session (state: 1,000 numbers); time until
       the next session run returns, beside the time a live ``set_state`` of that state takes.
+- TypeScript (``typescript="preload"``): a warm worker's first compile of a small file (a new
+      file every run, after each worker compiled once), and a cached repeat, each beside the
+      same snippet in JavaScript.
+- Project: 20 modules required by an entrypoint through ``run_project``, against the same
+      code bundled into one script with ``run``.
 
 How: every series is warmed up first and then measured with ``time.perf_counter``; floor and
 IsoBox series are interleaved in rounds so background load drifts hit both alike; figures are
@@ -98,12 +103,13 @@ class Plan:
     w4_reps: int
     respawn_reps: int  # stays below the crash-loop breaker's 10 deaths per 10 s
     stream_reps: int
+    ts_reps: int
 
 
 FULL = Plan(w1_rounds=6, w1_block=500, w1_warmup=200, tput_seconds=2.0, tput_reps=5,
-            w2_reps=60, w3_reps=20, w4_reps=12, respawn_reps=8, stream_reps=5)
+            w2_reps=60, w3_reps=20, w4_reps=12, respawn_reps=8, stream_reps=5, ts_reps=40)
 QUICK = Plan(w1_rounds=2, w1_block=150, w1_warmup=30, tput_seconds=0.75, tput_reps=1,
-             w2_reps=8, w3_reps=4, w4_reps=3, respawn_reps=3, stream_reps=1)
+             w2_reps=8, w3_reps=4, w4_reps=3, respawn_reps=3, stream_reps=1, ts_reps=8)
 
 
 # -- statistics --------------------------------------------------------------------------------
@@ -507,6 +513,65 @@ def bench_session_recovery(box: IsoBox, plan: Plan) -> dict[str, Any]:
     return {"recovery": summary(recovery), "restore": summary(restore)}
 
 
+TS_SNIPPET = "interface P {{ x: number }}\nconst p{i}: P = {{ x: {i} }};\np{i}.x * 2"
+JS_SNIPPET = "const p{i} = {{ x: {i} }};\np{i}.x * 2"
+
+
+def bench_typescript(plan: Plan) -> dict[str, Any]:
+    """TypeScript: first compile of a new small file in a warm worker, and a cached repeat."""
+    box = IsoBox(timeout=TIMEOUT, memory_limit=MEMORY_LIMIT, pool=POOL, typescript="preload")
+    try:
+        box.warmup_pool()
+        wait_idle(box, WORKERS)
+        for i in range(4 * WORKERS):  # every worker has compiled once: it is warm
+            box.run(TS_SNIPPET.format(i=100_000 + i), language="typescript")
+        first: list[float] = []
+        cached: list[float] = []
+        plain: list[float] = []
+        for i in range(plan.ts_reps):
+            ts_code = TS_SNIPPET.format(i=i)
+            first.append(timed(Probe(lambda c=ts_code: box.run(c, language="typescript"),
+                                     i * 2, "TS first compile")))
+            cached.append(timed(Probe(lambda c=ts_code: box.run(c, language="typescript"),
+                                      i * 2, "TS cached")))
+            js_code = JS_SNIPPET.format(i=i)
+            plain.append(timed(Probe(lambda c=js_code: box.run(c), i * 2, "JS")))
+        return {"first": summary(first), "cached": summary(cached), "plain": summary(plain)}
+    finally:
+        box.shutdown()
+
+
+PROJECT_MODULES = 20
+
+
+def project_files() -> tuple[dict[str, str], str]:
+    """20 modules and an entrypoint that requires them all; and the same code bundled."""
+    files = {f"/lib/m{i}.js": f"const base = {i};\nmodule.exports = (x) => x * 2 + base;\n"
+             for i in range(PROJECT_MODULES)}
+    files["/index.js"] = ("let total = 0;\nfor (let i = 0; i < 20; i++) "
+                          "total += require('./lib/m' + i)(i);\ntotal")
+    bundle = "".join(f"const m{i} = ((x) => x * 2 + {i});\n" for i in range(PROJECT_MODULES))
+    bundle += "let total = 0;\n" + "".join(f"total += m{i}({i});\n"
+                                          for i in range(PROJECT_MODULES)) + "total"
+    return files, bundle
+
+
+def bench_project(box: IsoBox, plan: Plan) -> dict[str, Any]:
+    """A 20-module project through run_project vs the same code bundled into one run."""
+    files, bundle = project_files()
+    expected = sum(i * 2 + i for i in range(PROJECT_MODULES))
+    run_project = Probe(lambda: box.run_project(files, "/index.js"), expected, "project")
+    run_bundle = Probe(lambda: box.run(bundle), expected, "bundle")
+    series(run_project, 20, IDLE_GAP)
+    series(run_bundle, 20, IDLE_GAP)
+    project: list[float] = []
+    bundled: list[float] = []
+    for _ in range(plan.w1_rounds):
+        project += series(run_project, plan.w1_block // 5, IDLE_GAP)
+        bundled += series(run_bundle, plan.w1_block // 5, IDLE_GAP)
+    return {"project": summary(project), "bundle": summary(bundled)}
+
+
 def quickjs_build() -> dict[str, Any]:
     """The quickjs-ng distribution in use: version, wheel tags, and whether it is prebuilt."""
     dist = importlib.metadata.distribution("quickjs-ng")
@@ -604,6 +669,12 @@ def build_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
            fig(sess, "plain", "p50"))
     timing("Session recovery after kill -9, median", fig(rec, "recovery", "p50"), None)
     timing("Session set_state of that state, median", fig(rec, "restore", "p50"), None)
+    tsr, proj = res.get("typescript"), res.get("project")
+    timing("TS first compile, warm worker (vs JS)", fig(tsr, "first", "p50"),
+           fig(tsr, "plain", "p50"))
+    timing("TS cached repeat (vs JS)", fig(tsr, "cached", "p50"), fig(tsr, "plain", "p50"))
+    timing("20-module project (vs bundled)", fig(proj, "project", "p50"),
+           fig(proj, "bundle", "p50"))
     for key, label in (("uss_mib", "USS"), ("rss_mib", "RSS")):
         value = fig(mem, key, "p50")
         rows.append((f"Idle worker {label} median", f"{value:.1f} MiB" if value else "-", "-",
@@ -630,6 +701,11 @@ def build_targets(res: dict[str, Any]) -> list[Target]:
     sr = ratio(fig(sess, "session", "p50"), fig(sess, "plain", "p50"))
     recovered, restored = fig(rec, "recovery", "p50"), fig(rec, "restore", "p50")
     rec_over = recovered - restored if recovered is not None and restored is not None else None
+    tsr, proj = res.get("typescript"), res.get("project")
+    ts_first = fig(tsr, "first", "p50")
+    cached, plain = fig(tsr, "cached", "p50"), fig(tsr, "plain", "p50")
+    ts_extra = cached - plain if cached is not None and plain is not None else None
+    pr = ratio(fig(proj, "project", "p50"), fig(proj, "bundle", "p50"))
 
     return [
         Target("W1 p50 (idle gap) <= 1.5x floor", w1r, 1.5, x(w1r)),
@@ -645,6 +721,9 @@ def build_targets(res: dict[str, Any]) -> list[Target]:
                f"{srate:,.0f}/s" if srate is not None else "-", at_least=True),
         Target("Session run p50 <= 1.5x plain run", sr, 1.5, x(sr)),
         Target("Session recovery <= 100 ms + restore", rec_over, 0.100, ms(rec_over)),
+        Target("TS first compile <= 15 ms (warm worker)", ts_first, 0.015, ms(ts_first)),
+        Target("TS cached repeat adds < 0.1 ms", ts_extra, 0.0001, ms(ts_extra)),
+        Target("20-module project <= 3x bundled", pr, 3.0, x(pr)),
     ]
 
 
@@ -756,6 +835,7 @@ def run_all(plan: Plan) -> dict[str, Any]:
         guarded(res, "stream", lambda: bench_stream(main_box, plan))
         guarded(res, "session", lambda: bench_session(main_box, plan))
         guarded(res, "session_recovery", lambda: bench_session_recovery(main_box, plan))
+        guarded(res, "project", lambda: bench_project(main_box, plan))
         seen.update(child.pid for child in psutil.Process().children(recursive=True))
         seen.update(w.pid for w in main_box.pool_stats().workers)
     except Exception as exc:  # the box itself failed to start: still report
@@ -765,6 +845,7 @@ def run_all(plan: Plan) -> dict[str, Any]:
         if box is not None:
             box.shutdown()
     guarded(res, "respawn", lambda: bench_respawn(plan, seen))
+    guarded(res, "typescript", lambda: bench_typescript(plan))
     res["leftover_pids"] = leftovers(seen)
     return res
 
