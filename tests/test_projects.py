@@ -215,3 +215,12 @@ def test_async_twin() -> None:
             return await ab.run_project(files=SEED, entrypoint="/index.js")
 
     assert asyncio.run(main()) == 3
+
+
+def test_a_broken_module_fails_only_where_it_is_required(box: IsoBox) -> None:
+    """Modules are compiled together; a syntax error in one does not break the others, and
+    requiring the broken one raises its own SyntaxError."""
+    files = {"/i.js": "const ok = require('./ok').v; let err;"
+                      " try { require('./broken') } catch (e) { err = e.name } [ok, err]",
+             "/ok.js": "exports.v = 1", "/broken.js": "exports.v = ;"}
+    assert box.run_project(files, "/i.js") == [1, "SyntaxError"]

@@ -133,16 +133,39 @@
     }
     return isoboxModRun(r.file, r.file, source);
   }
+  // Each module is a method named by its path, so stack frames of its own code say which
+  // file. All of a project's script files are compiled in one evaluation the first time one
+  // is required (one parse instead of one per module); if that fails to parse, each module is
+  // compiled on its own when required, so the syntax error belongs to the module that has it.
+  const HEAD = '(exports, require, module, __filename, __dirname) {';
+  let compiled = null;
+  function compileAll() {
+    compiled = new Map();
+    let src = '({';
+    const names = [];
+    for (const [path, code] of files) {
+      if (path === entryFile || ap(endsWith, path, ['.json'])) continue;
+      src += S.JS(path) + HEAD + code + '\n},\n';
+      names[names.length] = path;
+    }
+    let all;
+    try { all = S.ev(src + '})'); } catch (_) { return; }
+    for (let i = 0; i < names.length; i++) compiled.set(names[i], all[names[i]]);
+  }
+  function compileOne(file, source) {
+    if (compiled === null && source === files.get(file)) compileAll();
+    const fn = source === files.get(file) && compiled.get(file);
+    if (fn) return fn;
+    const name = S.JS(file);
+    return S.ev('({' + name + HEAD + source + '\n}})[' + name + ']');
+  }
   function isoboxModRun(key, file, source) {
     // Node's semantics: the module is cached before it runs, so a circular require sees its
     // partial exports; a module that throws is removed again, so the error repeats.
     const mod = { exports: {}, loaded: false, id: file, filename: file, children: [] };
     cache.set(key, mod);
     try {
-      // A method named by the path, so stack frames of the module's own code say which file.
-      const name = S.JS(file);
-      const fn = S.ev('({' + name + '(exports, require, module, __filename, __dirname) {' + source + '\n}})[' + name + ']');
-      ap(fn, mod.exports, [mod.exports, makeRequire(dirname(file)), mod, file, dirname(file)]);
+      ap(compileOne(file, source), mod.exports, [mod.exports, makeRequire(dirname(file)), mod, file, dirname(file)]);
     } catch (e) {
       cache.delete(key);
       throw e;
@@ -151,10 +174,13 @@
     return mod;
   }
 
+  let entryFile = null;
   function setup(cfg) {
     // cfg.files: {path: source}; cfg.require: {whitelist, modules, mocks, path}
     files = new Map();
     cache = new Map();
+    compiled = null;
+    entryFile = cfg.project || null;
     const fs = cfg.files || {};
     const ks = keys(fs);
     for (let i = 0; i < ks.length; i++) files.set(ks[i], fs[ks[i]]);

@@ -87,7 +87,7 @@
       case 'hot': S.hotSrc = a; return 'ok';
       case 'cold': S.coldSrc = a; return 'ok';
       case 'loop': S.loopSrc = a; return 'ok';
-      case 'mods': S.modSrc = a; return 'ok';
+      case 'mods': S.modSrc = a; if (a !== '' && S.st === null) MOD(); return 'ok';
       case 'violations': return S.violations.length ? ap(slice, JS(S.violations), [0]) : '[]';
       default: return ap(slice, op[0] === '.' ? L().op(op, a) : H().op(op, a), [0]);
     }
