@@ -457,6 +457,7 @@ class _BoxCore:
             handle, state.handle = state.handle, None
             state.engine = None
             state.checkpoint = None
+            state.generation += 1
             if handle is not None:
                 handle.sessions.discard(state.id)
                 handle.drops.append(state.id)
@@ -486,8 +487,11 @@ class _BoxCore:
         return handle
 
     def _session_done(self, state: SessionState, handle: WorkerHandle | None,
-                      reply: dict[str, Any]) -> None:
-        """Keep the checkpoint of a good run; forget a context the worker had to drop."""
+                      reply: dict[str, Any], generation: int) -> None:
+        """Keep the checkpoint of a good run; forget a context the worker had to drop. A run
+        that began before a reset() or close() changes nothing."""
+        if generation != state.generation:
+            return
         if isinstance(reply.get("state"), str):
             state.checkpoint = reply["state"]
         if reply.get("dropped"):
@@ -575,14 +579,19 @@ async def _ahold(state: SessionState, timeout: float) -> asyncio.Lock:
     return lock
 
 
-def _stream_engine(session: SessionState | None) -> Engine:
-    """In-process mode: a session's own engine, or a new one for a stream (a stream may be
-    pumped from several threads, so it never uses a thread's shared engine)."""
+def _stream_engine(session: SessionState | None, spec: RunSpec) -> tuple[Engine, RunSpec]:
+    """In-process mode: a session's own engine (a new one restores the checkpoint), or a new
+    engine for a stream (one may be pumped from several threads, so it never uses a thread's
+    shared engine); and the stream's spec."""
+    spec = dataclasses.replace(spec, stream=True)
     if session is None:
-        return Engine()
+        return Engine(), spec
     if session.engine is None:
         session.engine = Engine()
-    return session.engine
+        if session.checkpoint is not None:
+            spec = dataclasses.replace(spec, restore_json=session.checkpoint,
+                                       restore_tagged=True)
+    return session.engine, spec
 
 
 def _count(name: str, value: Any) -> int:
@@ -643,10 +652,11 @@ class IsoBox(_BoxCore):
         started = time.monotonic()
         streamed: list[tuple[str, str]] = []
         sink = self._output_sink(request, streamed)
+        generation = session.generation if session is not None else 0
         if self._pool is None:
             reply = self._inprocess_reply(request, sink, host, session, op)
             if session is not None:
-                self._session_done(session, None, reply)
+                self._session_done(session, None, reply, generation)
             return reply, None, started, streamed
         deadline = started + request.options.timeout
         kill_at = deadline + _grace(request.options.timeout)
@@ -662,7 +672,7 @@ class IsoBox(_BoxCore):
                 except PinLost:
                     continue  # the pinned worker left the pool: place the session again
                 if session is not None:
-                    self._session_done(session, handle, reply)
+                    self._session_done(session, handle, reply, generation)
                 return reply, handle.pid, started, streamed
             raise WorkerCrashedError("the session's worker kept leaving the pool",
                                      cause="session placement")
@@ -707,6 +717,7 @@ class IsoBox(_BoxCore):
         started = time.monotonic()
         streamed: list[tuple[str, str]] = []
         sink = self._output_sink(request, streamed)
+        generation = session.generation if session is not None else 0
         if self._pool is None:
             yield from self._local_stream(request, host, sink, window=window, session=session,
                                           started=started)
@@ -733,7 +744,7 @@ class IsoBox(_BoxCore):
                     stream.consumed(1)
             reply = stream.result or {}
             if session is not None:
-                self._session_done(session, None, reply)
+                self._session_done(session, stream.worker, reply, generation)
         except (TimeoutError, WorkerCrashedError) as exc:
             self._failed(exc, started, request.options.timeout)
             raise
@@ -747,16 +758,19 @@ class IsoBox(_BoxCore):
     def _local_stream(self, request: RunRequest, host: HostFunctions, sink: Any, *,
                       window: int, session: SessionState | None, started: float
                       ) -> Generator[Any, None, None]:
-        spec = dataclasses.replace(self._local_spec(request), stream=True)
-        stream = _stream_engine(session).open_stream(spec, _LocalIO(sink, host))
+        generation = session.generation if session is not None else 0
+        engine, spec = _stream_engine(session, self._local_spec(request))
+        stream = engine.open_stream(spec, _LocalIO(sink, host))
         try:
             while not stream.done:
                 items, _count = stream.pump(window)
                 yield from values.decode(items)
         finally:
             stream.close()
-        error = self._stream_end(request, reply_body(stream.outcome) if stream.outcome else {},
-                                 None, started)
+        reply = reply_body(stream.outcome) if stream.outcome else {}
+        if session is not None:
+            self._session_done(session, None, reply, generation)
+        error = self._stream_end(request, reply, None, started)
         if error is not None:
             raise error
 
@@ -864,11 +878,12 @@ class AsyncIsoBox(_BoxCore):
         started = time.monotonic()
         streamed: list[tuple[str, str]] = []
         sink = self._output_sink(request, streamed)
+        generation = session.generation if session is not None else 0
         if self._pool is None:
             reply = await asyncio.to_thread(self._inprocess_reply, request, sink, host,
                                             session, op)
             if session is not None:
-                self._session_done(session, None, reply)
+                self._session_done(session, None, reply, generation)
             return reply, None, started, streamed
         deadline = started + request.options.timeout
         kill_at = deadline + _grace(request.options.timeout)
@@ -885,7 +900,7 @@ class AsyncIsoBox(_BoxCore):
                 except PinLost:
                     continue
                 if session is not None:
-                    self._session_done(session, handle, reply)
+                    self._session_done(session, handle, reply, generation)
                 return reply, handle.pid, started, streamed
             raise WorkerCrashedError("the session's worker kept leaving the pool",
                                      cause="session placement")
@@ -938,6 +953,7 @@ class AsyncIsoBox(_BoxCore):
         started = time.monotonic()
         streamed: list[tuple[str, str]] = []
         sink = self._output_sink(request, streamed)
+        generation = session.generation if session is not None else 0
         if self._pool is None:
             async with contextlib.aclosing(self._local_stream(
                     request, host, sink, window=window, session=session,
@@ -955,7 +971,7 @@ class AsyncIsoBox(_BoxCore):
                     await stream.aconsumed(1)
             reply = stream.result or {}
             if session is not None:
-                self._session_done(session, None, reply)
+                self._session_done(session, stream.worker, reply, generation)
         except (TimeoutError, WorkerCrashedError) as exc:
             self._failed(exc, started, request.options.timeout)
             raise
@@ -990,9 +1006,9 @@ class AsyncIsoBox(_BoxCore):
     async def _local_stream(self, request: RunRequest, host: HostFunctions, sink: Any, *,
                             window: int, session: SessionState | None, started: float
                             ) -> AsyncGenerator[Any, None]:
-        spec = dataclasses.replace(self._local_spec(request), stream=True)
-        stream = await asyncio.to_thread(_stream_engine(session).open_stream, spec,
-                                         _LocalIO(sink, host))
+        generation = session.generation if session is not None else 0
+        engine, spec = _stream_engine(session, self._local_spec(request))
+        stream = await asyncio.to_thread(engine.open_stream, spec, _LocalIO(sink, host))
         try:
             while not stream.done:
                 items, _count = await asyncio.to_thread(stream.pump, window)
@@ -1000,8 +1016,10 @@ class AsyncIsoBox(_BoxCore):
                     yield value
         finally:
             await asyncio.to_thread(stream.close)
-        error = self._stream_end(request, reply_body(stream.outcome) if stream.outcome else {},
-                                 None, started)
+        reply = reply_body(stream.outcome) if stream.outcome else {}
+        if session is not None:
+            self._session_done(session, None, reply, generation)
+        error = self._stream_end(request, reply, None, started)
         if error is not None:
             raise error
 

@@ -33,6 +33,7 @@ log = logging.getLogger("isobox")
 _NAME = re.compile(r"^[A-Za-z_$][A-Za-z0-9_$]*$")
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][\w.@+-]+){2,}[/\\]?")
 _MAX_MESSAGE = 500
+_MAX_RESULT = 32 * 2**20  # characters: a result must fit the channel's 96 MiB frame
 # JS globals a host function may not shadow: the language's own (some cannot be redefined at
 # all, and the sandbox's trusted libraries look some up by name) and IsoBox's.
 _RESERVED = frozenset({
@@ -116,7 +117,7 @@ class HostFunctions:
     @staticmethod
     def _encode(name: str, result: Any) -> str:
         try:
-            text, tagged = values.encode(result, what="result")
+            text, tagged = values.encode(result, what="result", limit=_MAX_RESULT)
         except (SerializationError, TypeError, ValueError) as exc:
             return _error(f"host function {name} returned a value that cannot cross into the "
                           f"sandbox ({type(result).__name__}): {sanitize(str(exc))}")
@@ -125,7 +126,11 @@ class HostFunctions:
     @staticmethod
     def _failed(name: str, exc: BaseException) -> str:
         log.debug("isobox host function %s raised", name, exc_info=exc)
-        return _error(f"host function {name} failed: {type(exc).__name__}: {sanitize(str(exc))}")
+        try:
+            text = sanitize(str(exc))
+        except Exception:  # an exception whose __str__ raises still becomes a JS Error
+            text = "(its message could not be read)"
+        return _error(f"host function {name} failed: {type(exc).__name__}: {text}")
 
     def call_until(self, name: str, args: str, deadline: float) -> str:
         """:meth:`call` on a helper thread, given up at ``deadline`` (``time.monotonic``):

@@ -56,6 +56,7 @@ class SessionState:
     handle: WorkerHandle | None = None  # process mode: the worker holding the live context
     engine: Engine | None = None  # in-process mode: the engine holding it
     ended: str = ""  # "", "closed" or "expired"
+    generation: int = 0  # bumped by reset/close: a run that began before may not write back
     busy: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     alock: asyncio.Lock | None = None

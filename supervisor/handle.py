@@ -47,7 +47,7 @@ class WorkerHandle:
         self.kill_reason = ""
         self.exited = False  # set by the maintainer once the pidfd reports the process gone
         self.sessions: set[str] = set()  # sessions whose live context this worker holds
-        self.drops: list[str] = []  # sessions to free with the next request
+        self.drops: deque[str] = deque()  # sessions to free with the next request
         self._frames: deque[Frame] = deque()
         self._buf = bytearray(_RECV)
         self._pollers: dict[int, select.poll] = {}

@@ -21,6 +21,7 @@ import asyncio
 import builtins
 import contextlib
 import itertools
+import json
 import os
 import select
 import signal
@@ -46,7 +47,7 @@ from isobox.supervisor.handle import ChannelClosed, WorkerHandle
 from isobox.supervisor.policy import Backoff, CrashLoopBreaker, classify_exit, jittered_max_runs
 from isobox.supervisor.zygote import ZygoteClient
 
-__all__ = ["HostCaller", "PinLost", "Pool", "PoolConfig"]
+__all__ = ["AsyncCalls", "HostCaller", "PinLost", "Pool", "PoolConfig"]
 
 Emit = Callable[[str, dict[str, Any]], None]
 OnOutput = Callable[[list[tuple[str, str]]], None]
@@ -418,13 +419,15 @@ class Pool:
     def request_frame(self, rid: int, handle: WorkerHandle, body: dict[str, Any]) -> bytes:
         """The RUN frame of ``body`` for the just-acquired ``handle``, with its pending session
         drops; if the request cannot be encoded, the worker goes back to the pool."""
-        drops = handle.drops
+        drops: list[str] = []
+        while handle.drops:  # popleft is atomic: a drop added meanwhile is never lost
+            drops.append(handle.drops.popleft())
         try:
             frame = _request_frame(rid, {**body, "drop": drops} if drops else body)
         except BaseException:
+            handle.drops.extendleft(reversed(drops))
             self._offer(handle)
             raise
-        handle.drops = []
         return frame
 
     def place_session(self, deadline: float, per_worker: int) -> WorkerHandle:
@@ -507,7 +510,7 @@ class Pool:
     async def _await_reply_async(self, handle: WorkerHandle, rid: int, kill_at: float,
                                  on_output: OnOutput | None,
                                  host: HostCaller | None) -> dict[str, Any]:
-        calls = _AsyncCalls(handle, rid, host)
+        calls = AsyncCalls(handle, rid, host)
         try:
             async with asyncio.timeout_at(_loop_time(kill_at)):
                 while True:
@@ -526,7 +529,7 @@ class Pool:
             self._kill_and_drop(handle, "the run was cancelled")
             raise
         finally:
-            calls.cancel()
+            await calls.close()
 
     def _lost(self, handle: WorkerHandle, exc: ChannelClosed | ProtocolError) -> IsoBoxError:
         """The error for a run whose channel closed or carried a bad frame (which kills it)."""
@@ -741,23 +744,38 @@ def parse_call(frame: Frame, request_id: int) -> tuple[int, str, str]:
 _NO_HOST = 'e{"message": "no host functions are available in this run"}'
 
 
+def reply_frame(request_id: int, cid: int, reply: str) -> bytes:
+    """The REPLY frame; a reply too large for the channel becomes an error the script sees
+    (it is the host's result that is too big, not the worker that misbehaved)."""
+    try:
+        return encode_frame(MsgType.REPLY, request_id, {"cid": cid, "reply": reply})
+    except ProtocolError:
+        message = f"the host function's result of {len(reply)} characters does not fit the channel"
+        return encode_frame(MsgType.REPLY, request_id,
+                            {"cid": cid, "reply": "e" + json.dumps({"message": message})})
+
+
 def answer_call(frame: Frame, request_id: int, call: Callable[[str, str], str] | None) -> bytes:
     """The REPLY frame for a worker's CALL, computed by ``call`` on this thread."""
     cid, name, args = parse_call(frame, request_id)
     reply = call(name, args) if call is not None else _NO_HOST
-    return encode_frame(MsgType.REPLY, request_id, {"cid": cid, "reply": reply})
+    return reply_frame(request_id, cid, reply)
 
 
-class _AsyncCalls:
-    """Host calls of one async run: sync ones are answered in order; async ones run as tasks
-    so a script's ``Promise.all`` over host calls overlaps them. Replies share one send lock."""
+class AsyncCalls:
+    """Host calls of one async run or stream: sync ones are answered in order; async ones run
+    as tasks so a script's ``Promise.all`` over host calls overlaps them. Replies share one
+    send lock, and a reply is never cut off mid-frame: :meth:`close` stops the calls still
+    computing but waits for a reply being sent (a torn frame would poison the next request)."""
 
     def __init__(self, handle: WorkerHandle, rid: int, host: HostCaller | None) -> None:
         self.handle = handle
         self.rid = rid
         self.host = host
         self.tasks: set[asyncio.Task[None]] = set()
+        self.sending: set[asyncio.Task[Any] | None] = set()
         self.lock = asyncio.Lock()
+        self.closed = False
 
     async def start(self, frame: Frame) -> None:
         cid, name, args = parse_call(frame, self.rid)
@@ -769,12 +787,36 @@ class _AsyncCalls:
         task.add_done_callback(self.tasks.discard)
 
     async def _answer(self, cid: int, name: str, args: str) -> None:
-        reply = await self.host.acall(name, args) if self.host is not None else _NO_HOST
-        answer = encode_frame(MsgType.REPLY, self.rid, {"cid": cid, "reply": reply})
+        try:
+            reply = await self.host.acall(name, args) if self.host is not None else _NO_HOST
+        except Exception as exc:  # acall never raises for the function's own errors
+            failure = f"host function {name} failed ({type(exc).__name__})"
+            reply = "e" + json.dumps({"message": failure})
+        answer = reply_frame(self.rid, cid, reply)
         async with self.lock:
-            with contextlib.suppress(ChannelClosed, OSError):
-                await self.handle.asend(answer)
+            if self.closed:
+                return  # the run is over: the worker would drop this reply anyway
+            task = asyncio.current_task()
+            self.sending.add(task)  # from here on, close() waits for it instead of cancelling
+            try:
+                with contextlib.suppress(ChannelClosed, OSError):
+                    await self.handle.asend(answer)
+            finally:
+                self.sending.discard(task)
 
-    def cancel(self) -> None:
+    def abort(self) -> None:
+        """The worker is being killed: stop every call still computing."""
+        self.closed = True
         for task in self.tasks:
-            task.cancel()
+            if task not in self.sending:
+                task.cancel()
+
+    async def close(self) -> None:
+        """End of the run: stop the calls still computing; let a reply being sent finish."""
+        self.closed = True
+        sending = [t for t in self.tasks if t in self.sending]
+        for task in self.tasks:
+            if task not in self.sending:
+                task.cancel()
+        if sending:
+            await asyncio.wait(sending, timeout=5.0)

@@ -24,6 +24,7 @@ from isobox.errors import TimeoutError
 from isobox.protocol import Frame, MsgType, ProtocolError, encode_frame
 from isobox.supervisor.handle import ChannelClosed, WorkerHandle
 from isobox.supervisor.pool import (
+    AsyncCalls,
     HostCaller,
     OnOutput,
     PinLost,
@@ -60,10 +61,12 @@ class PoolStream:
         self.granted_total = 0  # credit returned to the worker beyond the first window
         self.received = 0  # values received from the worker so far (flow-control figure)
         self.pid = handle.pid
+        self.worker = handle  # kept after the stream ends (sessions need to know which)
+        self.calls: AsyncCalls | None = None  # async twin only: host calls as tasks
 
     # -- shared decisions ------------------------------------------------------------------
-    def _on_frame(self, frame: Frame) -> bytes | None:
-        """Take one frame; returns a REPLY to send for a host call."""
+    def _on_frame(self, frame: Frame) -> Frame | None:
+        """Take one frame; returns it if it is a host call to answer."""
         if frame.type is MsgType.ITEMS:
             if frame.request_id != self.rid:
                 raise ProtocolError("ITEMS for another request")
@@ -76,11 +79,29 @@ class PoolStream:
             self.batches.append((items, count))
             return None
         if frame.type is MsgType.CALL:
-            return answer_call(frame, self.rid, caller(self.host, self.kill_at))
+            return frame
         reply = read_reply(frame, self.rid, self.on_output)
         if reply is not None:
-            self._ended(reply)
+            self.result = reply
         return None
+
+    def _answer(self, frame: Frame, deadline: float) -> None:
+        """Sync twin: answer a host call (on the helper pool, given up at the deadline)."""
+        if self.handle is not None:
+            self.handle.send(answer_call(frame, self.rid, caller(self.host, self.kill_at)),
+                             deadline)
+
+    async def _aanswer(self, frame: Frame) -> None:
+        """Async twin: answer a host call without blocking the event loop."""
+        if self.handle is None:
+            return
+        if self.calls is None:
+            self.calls = AsyncCalls(self.handle, self.rid, self.host)
+        await self.calls.start(frame)
+
+    async def _aclose_calls(self) -> None:
+        if self.calls is not None:
+            await self.calls.close()
 
     def _granted(self) -> int:
         return self.window + self.granted_total
@@ -107,6 +128,8 @@ class PoolStream:
         return encode_frame(MsgType.CREDIT, self.rid, {"n": grant})
 
     def _timeout(self, idle: bool) -> TimeoutError:
+        if self.calls is not None:
+            self.calls.abort()
         handle, self.handle = self.handle, None
         if handle is None:
             return TimeoutError("the stream timed out", kind="wall")
@@ -119,12 +142,16 @@ class PoolStream:
         return self.pool._wall_timeout(handle)
 
     def _lost(self, exc: ChannelClosed | ProtocolError) -> Exception:
+        if self.calls is not None:
+            self.calls.abort()
         handle, self.handle = self.handle, None
         if handle is None:
             return exc
         return self.pool._lost(handle, exc)
 
     def _abandon(self, reason: str) -> None:
+        if self.calls is not None:
+            self.calls.abort()
         handle, self.handle = self.handle, None
         if handle is not None:
             self.pool._kill_and_drop(handle, reason)
@@ -139,15 +166,17 @@ class PoolStream:
             deadline, idle = self._deadline()
             try:
                 frame = handle.recv(deadline)
-                answer = self._on_frame(frame) if frame is not None else None
-                if answer is not None:
-                    handle.send(answer, self.kill_at)
+                call = self._on_frame(frame) if frame is not None else None
+                if call is not None:
+                    self._answer(call, self.kill_at)
             except (ChannelClosed, ProtocolError) as exc:
                 raise self._lost(exc) from None
             except builtins.TimeoutError:  # a host call or a send ran past the deadline
                 raise self._timeout(False) from None
             if frame is None:
                 raise self._timeout(idle)
+            if self.result is not None:
+                self._ended(self.result)
         return self.batches.popleft()
 
     def consumed(self, n: int) -> None:
@@ -170,9 +199,9 @@ class PoolStream:
                 frame = handle.recv(end)
                 if frame is None:
                     break
-                answer = self._on_frame(frame)
-                if answer is not None:
-                    handle.send(answer, end)
+                call = self._on_frame(frame)
+                if call is not None:
+                    self._answer(call, end)
         except (ChannelClosed, ProtocolError, builtins.TimeoutError, OSError):
             pass
         except BaseException:
@@ -180,6 +209,8 @@ class PoolStream:
             raise
         if self.result is None:
             self._abandon("the stream did not stop within its cancel grace")
+        else:
+            self._ended(self.result)
 
     # -- async -----------------------------------------------------------------------------
     async def anext_batch(self) -> tuple[str, int] | None:
@@ -192,9 +223,12 @@ class PoolStream:
             try:
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                     frame = await handle.arecv()
-                answer = self._on_frame(frame)
-                if answer is not None:
-                    await handle.asend(answer)
+                    call = self._on_frame(frame)
+                    if call is not None:
+                        await self._aanswer(call)
+                if self.result is not None:
+                    await self._aclose_calls()
+                    self._ended(self.result)
             except builtins.TimeoutError:
                 raise self._timeout(idle) from None
             except (ChannelClosed, ProtocolError) as exc:
@@ -223,9 +257,10 @@ class PoolStream:
                                                     CANCEL_GRACE))):
                 await handle.asend(encode_frame(MsgType.CANCEL, self.rid, {}))
                 while self.result is None:
-                    answer = self._on_frame(await handle.arecv())
-                    if answer is not None:
-                        await handle.asend(answer)
+                    call = self._on_frame(await handle.arecv())
+                    if call is not None:
+                        await self._aanswer(call)
+                await self._aclose_calls()
         except (ChannelClosed, ProtocolError, builtins.TimeoutError, OSError):
             pass
         except BaseException:
@@ -233,6 +268,8 @@ class PoolStream:
             raise
         if self.result is None:
             self._abandon("the stream did not stop within its cancel grace")
+        else:
+            self._ended(self.result)
 
 
 def open_stream(pool: Pool, body: dict[str, Any], *, deadline: float, kill_at: float,

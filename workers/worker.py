@@ -212,8 +212,8 @@ def serve(sock: socket.socket, engine: Engine) -> int:
     try:
         while True:
             frame = chan.control.popleft() if chan.control else chan.next_frame(None)
-            if frame is None or frame.type in (MsgType.CREDIT, MsgType.CANCEL):
-                continue  # left over from a stream that already ended
+            if frame is None or frame.type in (MsgType.CREDIT, MsgType.CANCEL, MsgType.REPLY):
+                continue  # left over from a request that already ended
             if frame.type is MsgType.PING:
                 sock.sendall(encode_frame(MsgType.PONG, frame.request_id, {}))
                 continue
