@@ -46,7 +46,13 @@ from isobox.events import EventEmitter, Handler
 from isobox.host import HostFunctions
 from isobox.metrics import MetricsRecorder
 from isobox.options import RUN_OVERRIDES, BoxOptions, RunRequest, build_request, pool_config
-from isobox.projects import RequirePolicy, normalize_files, virtual_path
+from isobox.projects import (
+    RequirePolicy,
+    files_from_wire,
+    filesystem_option,
+    normalize_files,
+    virtual_path,
+)
 from isobox.results import (
     CodeValidation,
     ExecutionMetrics,
@@ -115,9 +121,7 @@ class _BoxCore:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         if address is not None:
             raise IsoBoxError("remote mode (address=...) is not available yet")
-        if options.get("filesystem"):
-            raise IsoBoxError("the 'filesystem' option is not available yet")
-        options.pop("filesystem", None)
+        self._filesystem = filesystem_option(options.pop("filesystem", None))
         self._require = RequirePolicy.from_option(options.pop("require", None))
         typescript = options.pop("typescript", "lazy")
         if typescript not in ("lazy", "preload"):
@@ -184,6 +188,9 @@ class _BoxCore:
         policy = self._require
         if "require" in overrides:
             policy = RequirePolicy.from_option(overrides.pop("require"))
+        filesystem = self._filesystem
+        if "filesystem" in overrides:
+            filesystem = filesystem_option(overrides.pop("filesystem"))
         filename = overrides.pop("filename", None)
         language = overrides.pop("language", None)
         unknown = set(overrides) - RUN_OVERRIDES
@@ -200,6 +207,8 @@ class _BoxCore:
             packages = policy.package_files(self._packages)
             if packages:
                 request.body["files"] = packages
+        if filesystem is not None:
+            request.body["filesystem"] = filesystem
         if request.body.get("typescript"):
             request = self._cached_transpile(request)
         return request, host
@@ -297,7 +306,8 @@ class _BoxCore:
         value = values.decode(text)
         self._record(duration, cpu_time, memory, None, pid)
         return ExecutionResult(value=value, duration=duration, cpu_time=cpu_time, memory=memory,
-                               type=type_name, console=list(streamed), worker_pid=pid)
+                               type=type_name, console=list(streamed), worker_pid=pid,
+                               files=files_from_wire(reply.get("files")))
 
     def _error_for(self, kind: str, payload: str, request: RunRequest) -> IsoBoxError:
         opts = request.options
@@ -387,9 +397,11 @@ class _BoxCore:
             engine = session.engine
             if engine is None:
                 engine = session.engine = Engine()
-                if session.checkpoint is not None:
-                    spec = dataclasses.replace(spec, restore_json=session.checkpoint,
-                                               restore_tagged=True)
+                body = dict(request.body)
+                _restore_into(session, body)
+                spec = RunSpec.from_body(body)
+                spec = dataclasses.replace(spec, cpu_timeout=min(spec.cpu_timeout,
+                                                                 request.options.timeout))
             outcome = engine.session_state(spec) if op == "state" else engine.run(spec, io)
             return reply_body(outcome)
         engine = self._engine()
@@ -457,6 +469,7 @@ class _BoxCore:
             handle, state.handle = state.handle, None
             state.engine = None
             state.checkpoint = None
+            state.files = None
             state.generation += 1
             if handle is not None:
                 handle.sessions.discard(state.id)
@@ -481,9 +494,7 @@ class _BoxCore:
         handle = pool.place_session(deadline, self._per_worker)
         handle.sessions.add(state.id)
         state.handle = handle
-        if state.checkpoint is not None:
-            request.body["restore_json"] = state.checkpoint
-            request.body["restore_tagged"] = True
+        _restore_into(state, request.body)
         return handle
 
     def _session_done(self, state: SessionState, handle: WorkerHandle | None,
@@ -494,6 +505,8 @@ class _BoxCore:
             return
         if isinstance(reply.get("state"), str):
             state.checkpoint = reply["state"]
+            if isinstance(reply.get("files"), dict):
+                state.files = reply["files"]
         if reply.get("dropped"):
             state.engine = None
             if handle is not None:
@@ -579,6 +592,16 @@ async def _ahold(state: SessionState, timeout: float) -> asyncio.Lock:
     return lock
 
 
+def _restore_into(state: SessionState, body: dict[str, Any]) -> None:
+    """A request that creates the session's context anew carries its last checkpoint: the
+    JSON-able globals and, with MemFS, the files."""
+    if state.checkpoint is not None:
+        body["restore_json"] = state.checkpoint
+        body["restore_tagged"] = True
+    if state.files is not None and isinstance(body.get("filesystem"), dict):
+        body["filesystem"] = {**body["filesystem"], "files": state.files}
+
+
 def _stream_engine(session: SessionState | None, spec: RunSpec) -> tuple[Engine, RunSpec]:
     """In-process mode: a session's own engine (a new one restores the checkpoint), or a new
     engine for a stream (one may be pumped from several threads, so it never uses a thread's
@@ -591,6 +614,9 @@ def _stream_engine(session: SessionState | None, spec: RunSpec) -> tuple[Engine,
         if session.checkpoint is not None:
             spec = dataclasses.replace(spec, restore_json=session.checkpoint,
                                        restore_tagged=True)
+        if session.files is not None and spec.filesystem is not None:
+            spec = dataclasses.replace(spec, filesystem={**spec.filesystem,
+                                                         "files": session.files})
     return session.engine, spec
 
 

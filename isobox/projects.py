@@ -9,6 +9,7 @@ the worker never opens a host file.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import posixpath
@@ -19,7 +20,8 @@ from typing import Any
 
 from isobox.errors import SerializationError
 
-__all__ = ["RequirePolicy", "normalize_files", "virtual_path"]
+__all__ = ["RequirePolicy", "files_from_wire", "filesystem_option", "normalize_files",
+           "virtual_path"]
 
 _PACKAGE_EXTS = (".js", ".json", ".cjs", ".mjs")
 _MAX_PACKAGE_FILES = 2000
@@ -156,4 +158,51 @@ def _read_package(root: Path, name: str) -> dict[str, str]:
             except (OSError, UnicodeDecodeError):
                 continue
             out["/node_modules/" + name + "/" + path.relative_to(base).as_posix()] = text
+    return out
+
+
+_DEFAULT_QUOTA = 10 * 2**20
+
+
+def filesystem_option(option: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Validate ``filesystem={"enabled", "quota", "files", "read_only"}``; the wire form, or
+    None when it is off. File contents are str (text) or bytes (binary)."""
+    if option is None:
+        return None
+    if not isinstance(option, Mapping):
+        raise TypeError("filesystem must be a dict")
+    unknown = set(option) - {"enabled", "quota", "files", "read_only"}
+    if unknown:
+        raise ValueError(f"unknown filesystem option(s) {sorted(unknown)}")
+    if not option.get("enabled", True):
+        return None
+    quota = option.get("quota", _DEFAULT_QUOTA)
+    if isinstance(quota, bool) or not isinstance(quota, int) or quota < 0:
+        raise ValueError(f"filesystem quota must be a non-negative int of bytes, got {quota!r}")
+    files: dict[str, list[str]] = {}
+    for path, content in dict(option.get("files") or {}).items():
+        key = virtual_path(path)
+        if isinstance(content, str):
+            files[key] = ["t", content]
+        elif isinstance(content, bytes | bytearray | memoryview):
+            files[key] = ["b", base64.b64encode(bytes(content)).decode("ascii")]
+        else:
+            raise TypeError(f"filesystem file {path!r} must be str or bytes")
+    read_only = option.get("read_only") or []
+    if isinstance(read_only, str) or not all(isinstance(p, str) for p in read_only):
+        raise TypeError("filesystem read_only must be a list of path prefixes")
+    return {"quota": quota, "files": files, "readOnly": [virtual_path(p) for p in read_only]}
+
+
+def files_from_wire(files: object) -> dict[str, bytes]:
+    """MemFS content as the worker reports it: ``{path: bytes}`` (text as UTF-8)."""
+    out: dict[str, bytes] = {}
+    if not isinstance(files, Mapping):
+        return out
+    for path, entry in files.items():
+        if not (isinstance(entry, list | tuple) and len(entry) == 2 and isinstance(entry[1], str)):
+            continue
+        kind, data = entry
+        out[str(path)] = (base64.b64decode(data) if kind == "b"
+                          else data.encode("utf-8", "surrogatepass"))
     return out

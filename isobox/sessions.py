@@ -53,6 +53,7 @@ class SessionState:
     touched: float = field(default_factory=time.monotonic)
     execution_count: int = 0
     checkpoint: str | None = None  # tagged JSON object text of the JSON-able globals
+    files: dict[str, Any] | None = None  # MemFS content at the checkpoint (wire form)
     handle: WorkerHandle | None = None  # process mode: the worker holding the live context
     engine: Engine | None = None  # in-process mode: the engine holding it
     ended: str = ""  # "", "closed" or "expired"

@@ -111,9 +111,6 @@ def test_bad_run_options_fail_fast(box: IsoBox) -> None:
 
 def test_not_yet_available_options_say_so() -> None:
     """Options of later releases raise a clear IsoBoxError instead of being ignored."""
-    for name in ("filesystem",):
-        with pytest.raises(isobox.IsoBoxError, match="not available yet"):
-            IsoBox(mode="inprocess", **{name: {"x": 1}})
     with pytest.raises(isobox.IsoBoxError, match="remote mode"):
         IsoBox(address="unix:///tmp/x")
 

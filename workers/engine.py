@@ -32,7 +32,8 @@ _HOT = resources.files(__package__).joinpath("hot.js").read_text(encoding="utf-8
 _COLD = resources.files(__package__).joinpath("cold.js").read_text(encoding="utf-8")
 _LOOP = resources.files(__package__).joinpath("loop.js").read_text(encoding="utf-8")
 _MODS = resources.files(__package__).joinpath("modules.js").read_text(encoding="utf-8")
-if not all(src.isascii() for src in (_PRELUDE, _HOT, _COLD, _LOOP, _MODS)):
+_MEMFS = resources.files(__package__).joinpath("memfs.js").read_text(encoding="utf-8")
+if not all(src.isascii() for src in (_PRELUDE, _HOT, _COLD, _LOOP, _MODS, _MEMFS)):
     raise RuntimeError("the JS prelude and libraries must be ASCII")
 _MIN_CALL_BUDGET = 0.001
 _MAX_JOBS = 10_000_000  # a backstop: the CPU budget ends job floods long before this
@@ -66,6 +67,7 @@ class RunSpec:
     files: dict[str, str] | None = None  # a project's virtual files (path -> source)
     entry: str | None = None  # a project's entrypoint (its source is ``code``)
     require: dict[str, Any] | None = None  # the require policy (whitelist, modules, mocks)
+    filesystem: dict[str, Any] | None = None  # MemFS: {"quota", "files", "readOnly"}
     typescript: bool = False  # ``code`` is TypeScript: transpile it first, in this process
     filename: str | None = None  # the snippet's file name (for the compiler's messages)
 
@@ -98,6 +100,7 @@ class RunOutcome:
     dropped: bool = False  # the session's context was discarded (restore it from a checkpoint)
     violations: list[dict[str, Any]] = field(default_factory=list)  # security:violation events
     transpiled: str | None = None  # the JS a TypeScript snippet became (the caller caches it)
+    files: dict[str, Any] | None = None  # MemFS content at the end: {path: ["t"|"b", data]}
 
 
 _SPEC_FIELDS = frozenset(RunSpec.__dataclass_fields__)
@@ -169,7 +172,7 @@ class _WallExpired(Exception):
 class JsContext:
     """One QuickJS context with the trusted prelude: a fresh run's, or a session's."""
 
-    __slots__ = ("ctx", "fn", "host_bound", "mods", "session")
+    __slots__ = ("ctx", "fn", "host_bound", "memfs", "mods", "session")
 
     def __init__(self) -> None:
         self.ctx = _quickjs.Context()
@@ -179,6 +182,7 @@ class JsContext:
         self.fn("loop", _LOOP)
         self.host_bound = False
         self.mods = False  # modules.js handed over (only contexts that need it pay for it)
+        self.memfs = False  # memfs.js handed over
         self.session = False
 
 
@@ -258,6 +262,15 @@ class _Drive:
             self.call(".settle", json.dumps([cid, reply]), user=True)
         return True
 
+    def files(self) -> dict[str, Any] | None:
+        """MemFS content at the end of the run (with a small budget of its own)."""
+        self.budget.seconds = self.budget.used() + 1.0
+        try:
+            found = json.loads(self.call("fsdump"))
+        except (ValueError, _CpuExhausted, _quickjs.JSException):
+            return None
+        return found if isinstance(found, dict) else None
+
     def violations(self) -> list[dict[str, Any]]:
         """The run's security violations (``security:violation`` events for the host)."""
         try:
@@ -284,6 +297,8 @@ class _Drive:
             extra += f',"files":{json.dumps(spec.files)}'
         if spec.require is not None:
             extra += f',"require":{json.dumps(spec.require)}'
+        if spec.filesystem is not None:
+            extra += f',"fs":{json.dumps(spec.filesystem)}'
         # Globals and env arrive as JSON text already; splice them in rather than re-encode.
         return (f'{{"limits":{limits},"console":{json.dumps(spec.console)},'
                 f'"tagged":{"true" if spec.tagged else "false"},"code":{json.dumps(spec.code)},'
@@ -291,10 +306,13 @@ class _Drive:
 
     def start(self) -> None:
         """Set the globals up and evaluate the code (one crossing)."""
-        if (self.spec.entry is not None or self.spec.require is not None
-                or self.spec.files) and not self.jc.mods:
+        if (self.spec.entry is not None or self.spec.require is not None or self.spec.files
+                or self.spec.filesystem is not None) and not self.jc.mods:
             self.call("mods", _MODS)
             self.jc.mods = True
+        if self.spec.filesystem is not None and not self.jc.memfs:
+            self.call("memfs", _MEMFS)
+            self.jc.memfs = True
         if self.unlimited and not self.jc.host_bound:
             self.jc.ctx.add_callable("__isoboxHost", self.engine.host_trampoline)
             self.jc.host_bound = True
@@ -389,7 +407,8 @@ class Engine:
 
     def _begin(self, spec: RunSpec, io: EngineIO | None) -> _Drive:
         if spec.session is None:
-            self._modules_wanted = bool(spec.entry or spec.require or spec.files)
+            self._modules_wanted = bool(spec.entry or spec.require or spec.files
+                                        or spec.filesystem)
         jc = self._context(spec)
         jc.ctx.set_memory_limit(spec.memory_limit)
         jc.ctx.set_max_stack_size(spec.stack_limit)  # also re-reads this thread's stack top
@@ -425,6 +444,8 @@ class Engine:
             outcome.violations = drive.violations()
         if spec.typescript and outcome.kind in "RE":
             outcome.transpiled = spec.code
+        if spec.filesystem is not None and outcome.kind in "REST":
+            outcome.files = drive.files()
         return outcome
 
     def _guard(self, drive: _Drive, body: Callable[[], RunOutcome]) -> RunOutcome:

@@ -47,10 +47,7 @@
 
   // -- the policy ---------------------------------------------------------------------------
   let files = new Map(), policy = null, cache = new Map();
-  function violation(type, details) {
-    const v = { type, severity: 'high', details };
-    S.violations[S.violations.length] = v;
-  }
+  const violation = (type, details) => S.violation(type, details);
   function isoboxModDenied(message) {
     const e = new Err(message);
     dp(e, 'name', { value: 'SecurityError', writable: true, configurable: true });

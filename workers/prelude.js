@@ -10,11 +10,13 @@
   const P = Promise, then = P.prototype.then, dp = Object.defineProperty, slice = String.prototype.slice;
   const IEP = InternalError.prototype, gp = Object.getPrototypeOf;
   const S = { st: null, unc: null, it: null, nx: null, mode: 'redirect', con: [], n: 0, over: false,
-    lim: null, hotSrc: '', coldSrc: '', loopSrc: '', modSrc: '', hot: null, cold: null, loop: null, mods: null,
+    lim: null, hotSrc: '', coldSrc: '', loopSrc: '', modSrc: '', fsSrc: '', hot: null, cold: null, loop: null, mods: null, memfs: null, fsModule: null,
     violations: [], G, ev, JS, JP, ap, P, dp, gp };
   const H = () => S.hot || (S.hot = ev(S.hotSrc)(S));
   const L = () => S.loop || (S.loop = ev(S.loopSrc)(S, H));
   const MOD = () => S.mods || (S.mods = ev(S.modSrc)(S, H));
+  const FS = () => S.memfs || (S.memfs = ev(S.fsSrc)(S));
+  S.violation = (type, details) => { S.violations[S.violations.length] = { type, severity: 'high', details }; };
   // QuickJS throws InternalError("out of memory"), or null when it cannot even allocate that;
   // caught here, before any library would have to be parsed in an exhausted heap.
   // No instanceof on thrown values: a Proxy trap or Symbol.hasInstance would run user code here.
@@ -53,7 +55,12 @@
         if (cfg.globals !== null || cfg.env !== null) H().setup(cfg);
         if (cfg.fns) L().bind(cfg.fns);
         let entry = null;
-        if (cfg.project || cfg.require || cfg.files) {
+        if (cfg.fs) {
+          if (S.memfs === null) FS().init(cfg.fs);  // a session keeps its files between runs
+          dp(G, '$fs', { value: S.memfs.$fs, writable: true, configurable: true });
+          S.fsModule = () => S.memfs.fsModule;
+        }
+        if (cfg.project || cfg.require || cfg.files || cfg.fs) {
           MOD().setup(cfg);
           if (cfg.project) entry = MOD().entry(cfg.project); else MOD().globalRequire();
         }
@@ -88,6 +95,8 @@
       case 'cold': S.coldSrc = a; return 'ok';
       case 'loop': S.loopSrc = a; return 'ok';
       case 'mods': S.modSrc = a; if (a !== '' && S.st === null) MOD(); return 'ok';
+      case 'memfs': S.fsSrc = a; return 'ok';
+      case 'fsdump': return S.memfs === null ? '{}' : ap(slice, S.memfs.dump(), [0]);
       case 'violations': return S.violations.length ? ap(slice, JS(S.violations), [0]) : '[]';
       default: return ap(slice, op[0] === '.' ? L().op(op, a) : H().op(op, a), [0]);
     }

@@ -58,6 +58,8 @@ def reply_body(outcome: RunOutcome) -> dict[str, Any]:
         body["violations"] = outcome.violations
     if outcome.transpiled is not None:
         body["transpiled"] = outcome.transpiled
+    if outcome.files is not None:
+        body["files"] = outcome.files
     return body
 
 
