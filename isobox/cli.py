@@ -7,7 +7,9 @@ Exit codes: 0 success; 1 the script threw (ScriptError, CompileError, SecurityEr
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -54,9 +56,50 @@ def main() -> None:
     """Run untrusted JavaScript in supervised QuickJS sandboxes."""
 
 
+_PROJECT_EXTS = (".js", ".mjs", ".cjs", ".ts", ".tsx", ".mts", ".cts", ".json")
+
+
+def _project_files(root: Path) -> dict[str, str]:
+    """A project folder's script and JSON files as ``{virtual path: source}`` (no
+    ``node_modules``, no hidden folders, links not followed)."""
+    files: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != "node_modules" and not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(dirpath, name)
+            if name.endswith(_PROJECT_EXTS) and not path.is_symlink():
+                files["/" + path.relative_to(root).as_posix()] = path.read_text(encoding="utf-8")
+    return files
+
+
+def _read_source(target: str | None, code: str | None, entry: str | None
+                 ) -> tuple[str | None, dict[str, str] | None, str | None]:
+    """What to run: (source, project files, file name or entrypoint)."""
+    if (target is None) == (code is None):
+        raise click.UsageError("give exactly one of FILE, DIR --entry PATH or -e CODE")
+    if code is not None:
+        return code, None, None
+    if target == "-":
+        return sys.stdin.read(), None, None
+    path = Path(str(target))
+    if path.is_dir():
+        if entry is None:
+            raise click.UsageError("a project folder needs --entry PATH (relative to it)")
+        return None, _project_files(path), "/" + entry.lstrip("/")
+    if entry is not None:
+        raise click.UsageError("--entry goes with a project folder, not a file")
+    try:
+        return path.read_text(encoding="utf-8"), None, path.name
+    except OSError as exc:
+        raise click.BadParameter(str(exc), param_hint="FILE") from None
+
+
 @main.command("run")
-@click.argument("file", required=False, type=click.File("r", encoding="utf-8"))
+@click.argument("target", metavar="FILE|DIR", required=False)
 @click.option("-e", "--eval", "code", help="Code to run instead of FILE ('-' as FILE reads stdin).")
+@click.option("--entry", default=None, help="With a project folder: the entrypoint, e.g. index.ts.")
+@click.option("--ts", "typescript", is_flag=True,
+              help="The code is TypeScript (implied by a .ts/.tsx FILE).")
 @click.option("--timeout", type=float, default=30.0, show_default=True,
               help="Wall-clock seconds for the run (the CPU budget is the same).")
 @click.option("--memory", type=int, default=128 * 2**20, show_default=True,
@@ -65,12 +108,11 @@ def main() -> None:
               help="JSON object whose keys become globals, e.g. '{\"n\": 1}'.")
 @click.option("--inprocess", is_flag=True, help="Run in this process (no isolation; faster).")
 def run_command(  # noqa: PLR0917 - click passes one argument per option
-file: Any, code: str | None, timeout: float, memory: int,
-                sandbox_json: str | None, inprocess: bool) -> None:
-    """Run FILE (or -e CODE) and print its completion value as JSON."""
-    if (file is None) == (code is None):
-        raise click.UsageError("give exactly one of FILE or -e CODE")
-    source = code if code is not None else file.read()
+        target: str | None, code: str | None, entry: str | None, typescript: bool,
+        timeout: float, memory: int, sandbox_json: str | None, inprocess: bool) -> None:
+    """Run FILE, a project folder DIR from --entry, or -e CODE, and print the completion
+    value as JSON."""
+    source, files, name = _read_source(target, code, entry)
     sandbox = None
     if sandbox_json is not None:
         try:
@@ -81,13 +123,21 @@ file: Any, code: str | None, timeout: float, memory: int,
             raise click.BadParameter("must be a JSON object", param_hint="--sandbox")
     from isobox.api import IsoBox  # noqa: PLC0415 - keep `isobox --help` light
 
+    options: dict[str, Any] = {"sandbox": sandbox}
+    if typescript:
+        options["language"] = "typescript"
     try:
         box = IsoBox(timeout=timeout, memory_limit=memory, console="inherit",
                      mode="inprocess" if inprocess else "process", pool={"min": 1, "max": 1})
     except (TypeError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
     try:
-        value = box.run(source, sandbox=sandbox)
+        if files is not None:
+            value = box.run_project(files, name or "/", **options)
+        else:
+            value = box.run(source or "", filename=name, **options)
+    except (TypeError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
     except IsoBoxError as exc:
         click.echo(f"isobox: {type(exc).__name__}: {exc}", err=True)
         sys.exit(_exit_code(exc))

@@ -70,3 +70,31 @@ def test_console_script_is_installed() -> None:
     out = subprocess.run([str(exe), "run", "-e", "6 * 7"], capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.strip() == "42"
+
+
+def test_run_typescript_file(tmp_path: Path) -> None:
+    """isobox run FILE.ts transpiles by the file name; --ts does it for -e."""
+    script = tmp_path / "calc.ts"
+    script.write_text("const n: number = 41;\nn + 1")
+    result = CliRunner().invoke(main, ["run", str(script), "--inprocess"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "42"
+    result = CliRunner().invoke(main, ["run", "-e", "let x: = 1", "--ts", "--inprocess"])
+    assert result.exit_code == 1
+    assert "CompileError" in result.stderr and "TS1110" in result.stderr
+
+
+def test_run_project_folder(tmp_path: Path) -> None:
+    """isobox run DIR --entry PATH runs a project on disk (node_modules and hidden folders are
+    not read); a folder without --entry is a usage error."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "math.ts").write_text("export const add = (a: number, b: number) => a + b;")
+    (tmp_path / "index.ts").write_text("import { add } from './lib/math';\nexport default add(2, 3);")
+    (tmp_path / "node_modules").mkdir()
+    (tmp_path / "node_modules" / "x.js").write_text("syntax error here (")
+    result = CliRunner().invoke(main, ["run", str(tmp_path), "--entry", "index.ts", "--inprocess"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "5"
+    result = CliRunner().invoke(main, ["run", str(tmp_path), "--inprocess"])
+    assert result.exit_code == 2
+    assert "--entry" in result.output
