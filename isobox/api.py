@@ -237,8 +237,8 @@ class _BoxCore:
             while len(self._transpiled) > _TRANSPILE_CACHE:
                 self._transpiled.popitem(last=False)
 
-    def _project(self, files: object, entrypoint: str, options: dict[str, Any]
-                 ) -> tuple[RunRequest, HostFunctions]:
+    def _project(self, files: object, entrypoint: str, options: dict[str, Any],
+                 session: SessionState | None = None) -> tuple[RunRequest, HostFunctions]:
         """A run request for a project: the entrypoint's source as the code, every file in
         the virtual map (after any whitelisted node_modules packages)."""
         project = normalize_files(files)
@@ -247,7 +247,7 @@ class _BoxCore:
             raise ValueError(f"entrypoint {entry!r} is not one of the project's files")
         # No filename: QuickJS names every evaluated file <input>, so the entry's name would
         # be wrong for the frames of the other modules.
-        request, host = self._prepare(project[entry], options)
+        request, host = self._prepare(project[entry], options, session=session)
         total = sum(len(code) for code in project.values())
         if total > request.options.max_input_size:
             raise SerializationError(f"project of {total} characters exceeds the cap of "
@@ -810,10 +810,11 @@ class IsoBox(_BoxCore):
         """The open session ``session_id``; :class:`SessionError` if unknown or ended."""
         return Session(self, self._lookup(session_id))
 
-    def _session_execute(self, state: SessionState, code: str, options: dict[str, Any]
-                         ) -> ExecutionResult:
+    def _session_execute(self, state: SessionState, code: str, options: dict[str, Any],
+                         project: tuple[object, str] | None = None) -> ExecutionResult:
         state.check()
-        request, host = self._prepare(code, options, session=state)
+        request, host = (self._prepare(code, options, session=state) if project is None
+                         else self._project(*project, options, session=state))
         _hold(state, request.options.timeout)
         try:
             state.check()
@@ -1060,9 +1061,11 @@ class AsyncIsoBox(_BoxCore):
         return AsyncSession(self, self._lookup(session_id))
 
     async def _session_execute(self, state: SessionState, code: str,
-                               options: dict[str, Any]) -> ExecutionResult:
+                               options: dict[str, Any],
+                               project: tuple[object, str] | None = None) -> ExecutionResult:
         state.check()
-        request, host = self._prepare(code, options, session=state)
+        request, host = (self._prepare(code, options, session=state) if project is None
+                         else self._project(*project, options, session=state))
         lock = await _ahold(state, request.options.timeout)
         try:
             state.check()

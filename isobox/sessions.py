@@ -106,6 +106,11 @@ class Session:
         """Run ``code`` in the session's context; return the full result."""
         return self._box._session_execute(self._state, code, options)
 
+    def run_project(self, files: Any, entrypoint: str, **options: Any) -> Any:
+        """Run a project from ``entrypoint`` in the session's context (see IsoBox.run_project)."""
+        return self._box._session_execute(self._state, "", options,
+                                          (files, entrypoint)).value
+
     def run_stream(self, code: str, *, window: int = 256, idle_timeout: float | None = None,
                    **options: Any) -> Generator[Any, None, None]:
         """Stream the values ``code`` yields, in the session's context."""
@@ -158,6 +163,11 @@ class AsyncSession:
     async def execute(self, code: str, **options: Any) -> ExecutionResult:
         """Run ``code`` in the session's context; return the full result."""
         return await self._box._session_execute(self._state, code, options)
+
+    async def run_project(self, files: Any, entrypoint: str, **options: Any) -> Any:
+        """Run a project from ``entrypoint`` in the session's context."""
+        return (await self._box._session_execute(self._state, "", options,
+                                                 (files, entrypoint))).value
 
     def run_stream(self, code: str, *, window: int = 256, idle_timeout: float | None = None,
                    **options: Any) -> AsyncGenerator[Any, None]:

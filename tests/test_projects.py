@@ -224,3 +224,22 @@ def test_a_broken_module_fails_only_where_it_is_required(box: IsoBox) -> None:
                       " try { require('./broken') } catch (e) { err = e.name } [ok, err]",
              "/ok.js": "exports.v = 1", "/broken.js": "exports.v = ;"}
     assert box.run_project(files, "/i.js") == [1, "SyntaxError"]
+
+
+def test_projects_in_a_session(box: IsoBox) -> None:
+    """A session runs projects in its live context: what the entrypoint declares persists."""
+    with box.create_session("project-session") as s:
+        assert s.run_project(SEED + [{"path": "/main.js",
+                                      "code": "let total = require('./utils').add(2, 2); total"}],
+                             "/main.js") == 4
+        assert s.run("total + 1") == 5
+
+
+def test_projects_in_an_async_session() -> None:
+    """AsyncSession.run_project gives the same result."""
+    async def main() -> Any:
+        async with AsyncIsoBox(timeout=5.0) as ab:
+            session = await ab.create_session("async-project")
+            return await session.run_project(files=SEED, entrypoint="/index.js")
+
+    assert asyncio.run(main()) == 3
