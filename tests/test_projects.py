@@ -229,9 +229,8 @@ def test_a_broken_module_fails_only_where_it_is_required(box: IsoBox) -> None:
 def test_projects_in_a_session(box: IsoBox) -> None:
     """A session runs projects in its live context: what the entrypoint declares persists."""
     with box.create_session("project-session") as s:
-        assert s.run_project(SEED + [{"path": "/main.js",
-                                      "code": "let total = require('./utils').add(2, 2); total"}],
-                             "/main.js") == 4
+        main = {"path": "/main.js", "code": "let total = require('./utils').add(2, 2); total"}
+        assert s.run_project([*SEED, main], "/main.js") == 4
         assert s.run("total + 1") == 5
 
 
