@@ -620,6 +620,12 @@ def _stream_engine(session: SessionState | None, spec: RunSpec) -> tuple[Engine,
     return session.engine, spec
 
 
+def _placement_failed() -> WorkerCrashedError:
+    """Three placements of a session in a row lost their worker before the request went out."""
+    return WorkerCrashedError("the session's worker kept leaving the pool",
+                              cause="session placement")
+
+
 def _count(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -700,8 +706,7 @@ class IsoBox(_BoxCore):
                 if session is not None:
                     self._session_done(session, handle, reply, generation)
                 return reply, handle.pid, started, streamed
-            raise WorkerCrashedError("the session's worker kept leaving the pool",
-                                     cause="session placement")
+            raise _placement_failed()
         except (TimeoutError, WorkerCrashedError) as exc:
             self._failed(exc, started, request.options.timeout)
             raise
@@ -762,8 +767,7 @@ class IsoBox(_BoxCore):
                 except PinLost:
                     continue
             if stream is None:
-                raise WorkerCrashedError("the session's worker kept leaving the pool",
-                                         cause="session placement")
+                raise _placement_failed()
             while (batch := stream.next_batch()) is not None:
                 for value in values.decode(batch[0]):
                     yield value
@@ -929,8 +933,7 @@ class AsyncIsoBox(_BoxCore):
                 if session is not None:
                     self._session_done(session, handle, reply, generation)
                 return reply, handle.pid, started, streamed
-            raise WorkerCrashedError("the session's worker kept leaving the pool",
-                                     cause="session placement")
+            raise _placement_failed()
         except (TimeoutError, WorkerCrashedError) as exc:
             self._failed(exc, started, request.options.timeout)
             raise
@@ -1027,8 +1030,7 @@ class AsyncIsoBox(_BoxCore):
                     host=host or None, want=want, window=window, idle_timeout=idle_timeout)
             except PinLost:
                 continue
-        raise WorkerCrashedError("the session's worker kept leaving the pool",
-                                 cause="session placement")
+        raise _placement_failed()
 
     async def _local_stream(self, request: RunRequest, host: HostFunctions, sink: Any, *,
                             window: int, session: SessionState | None, started: float
