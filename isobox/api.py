@@ -768,10 +768,14 @@ class IsoBox(_BoxCore):
                     continue
             if stream is None:
                 raise _placement_failed()
+            quarter, taken = max(1, window // 4), 0
             while (batch := stream.next_batch()) is not None:
                 for value in values.decode(batch[0]):
                     yield value
-                    stream.consumed(1)
+                    taken += 1
+                    if taken >= quarter:  # credit goes back in quarter windows, not per value
+                        stream.consumed(taken)
+                        taken = 0
             reply = stream.result or {}
             if session is not None:
                 self._session_done(session, stream.worker, reply, generation)
@@ -995,10 +999,14 @@ class AsyncIsoBox(_BoxCore):
         try:
             stream = await self._open_stream(request, host, sink, session, window=window,
                                              idle_timeout=idle_timeout)
+            quarter, taken = max(1, window // 4), 0
             while (batch := await stream.anext_batch()) is not None:
                 for value in values.decode(batch[0]):
                     yield value
-                    await stream.aconsumed(1)
+                    taken += 1
+                    if taken >= quarter:
+                        await stream.aconsumed(taken)
+                        taken = 0
             reply = stream.result or {}
             if session is not None:
                 self._session_done(session, stream.worker, reply, generation)

@@ -21,8 +21,10 @@
   }
   const every = Array.prototype.every, isFinite = Number.isFinite;
   function enc(v) {
-    // Arrays of finite numbers (the shape of most numeric transforms) need no replacer; the
-    // native check costs a quarter of what a replacer call per element would.
+    // Finite numbers, strings and booleans (most streamed values) and arrays of finite
+    // numbers (most numeric transforms) need no replacer and no Date swap.
+    const t = typeof v;
+    if (t === 'string' || t === 'boolean' || (t === 'number' && v - v === 0)) return JS(v);
     if (isArr(v) && ap(every, v, [isFinite])) return JS(v);
     const desc = Object.getOwnPropertyDescriptor(D.prototype, 'toJSON');
     let swapped = false;
