@@ -123,7 +123,7 @@ class _BoxCore:
             raise IsoBoxError("remote mode (address=...) is not available yet")
         self._filesystem = filesystem_option(options.pop("filesystem", None))
         self._require = RequirePolicy.from_option(options.pop("require", None))
-        typescript = options.pop("typescript", "lazy")
+        typescript = options.pop("typescript", "preload")
         if typescript not in ("lazy", "preload"):
             raise ValueError(f"typescript must be 'lazy' or 'preload', got {typescript!r}")
         self._transpiled: OrderedDict[str, str] = OrderedDict()  # TypeScript, by content hash

@@ -127,8 +127,10 @@ def run_command(  # noqa: PLR0917 - click passes one argument per option
     if typescript:
         options["language"] = "typescript"
     try:
+        # One run per process: the compiler loads in the worker only if the code needs it.
         box = IsoBox(timeout=timeout, memory_limit=memory, console="inherit",
-                     mode="inprocess" if inprocess else "process", pool={"min": 1, "max": 1})
+                     mode="inprocess" if inprocess else "process", pool={"min": 1, "max": 1},
+                     typescript="lazy")
     except (TypeError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
     try:

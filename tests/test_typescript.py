@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Iterator
 from typing import Any
 
+import psutil
 import pytest
 
 import isobox
@@ -109,10 +110,22 @@ def test_stream_and_session_in_typescript(box: IsoBox) -> None:
         assert s.run("total += 1; total", language="typescript") == 2
 
 
-def test_preload_shares_the_compiler() -> None:
-    """typescript='preload' loads the compiler in the fork server; runs then need no load."""
-    with IsoBox(typescript="preload", pool={"min": 1, "max": 1}, timeout=10.0) as b:
-        assert b.run("const s: string = 'pre'; s", language="typescript") == "pre"
+def _fork_server_rss(box: IsoBox) -> int:
+    pool = box._pool
+    assert pool is not None and pool._zygote.pid is not None
+    return int(psutil.Process(pool._zygote.pid).memory_info().rss)
+
+
+def test_preload_loads_the_compiler_in_the_fork_server() -> None:
+    """The default (preload) holds the compiler in the fork server, which lazy does not; both
+    run TypeScript."""
+    sizes = {}
+    for mode in ("preload", "lazy"):
+        with IsoBox(typescript=mode, pool={"min": 1, "max": 1}, timeout=10.0) as b:
+            b.warmup_pool()
+            sizes[mode] = _fork_server_rss(b)
+            assert b.run("const s: string = 'ts'; s", language="typescript") == "ts"
+    assert sizes["preload"] - sizes["lazy"] > 30 * 2**20
     with pytest.raises(ValueError, match="typescript"):
         IsoBox(mode="inprocess", typescript="eager")
 
