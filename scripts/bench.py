@@ -22,9 +22,9 @@ limits, in this process):
 - Session: ``1+2`` p50 in a session against a plain ``run`` p50 on the same box.
 - Session recovery: SIGKILL the worker holding a session (state: 1,000 numbers); time until
       the next session run returns, beside the time a live ``set_state`` of that state takes.
-- TypeScript (the default ``typescript="preload"``): a warm worker's first compile of a small file (a new
-      file every run, after each worker compiled once), and a cached repeat, each beside the
-      same snippet in JavaScript.
+- TypeScript (the default ``typescript="preload"``): a warm worker's first compile of a small
+      file (a new file every run, after each worker compiled once), and a cached repeat, each
+      beside the same snippet in JavaScript.
 - Project: 20 modules required by an entrypoint through ``run_project``, against the same
       code bundled into one script with ``run``.
 
