@@ -123,6 +123,9 @@ class _BoxCore:
             raise IsoBoxError("remote mode (address=...) is not available yet")
         self._filesystem = filesystem_option(options.pop("filesystem", None))
         self._require = RequirePolicy.from_option(options.pop("require", None))
+        confinement = options.pop("confinement", "strict")
+        if confinement not in ("strict", "best-effort"):
+            raise ValueError(f"confinement must be 'strict' or 'best-effort', got {confinement!r}")
         typescript = options.pop("typescript", "preload")
         if typescript not in ("lazy", "preload"):
             raise ValueError(f"typescript must be 'lazy' or 'preload', got {typescript!r}")
@@ -138,7 +141,8 @@ class _BoxCore:
         self._sweeper: threading.Thread | None = None
         self._options = BoxOptions(**options)
         config = dataclasses.replace(pool_config(pool),
-                                     preload_typescript=typescript == "preload")
+                                     preload_typescript=typescript == "preload",
+                                     strict_confinement=confinement == "strict")
         self._mode = mode
         self._events = EventEmitter()
         self._metrics = MetricsRecorder()
@@ -172,7 +176,8 @@ class _BoxCore:
             return PoolStats(workers=[], restarts=0, queued=0)
         rows, queued = self._pool.snapshot()
         return PoolStats(workers=[WorkerStats(**row) for row in rows],
-                         restarts=self._pool.restarts, queued=queued)
+                         restarts=self._pool.restarts, queued=queued,
+                         confinement_error=self._pool.confinement_error)
 
     # -- preparing and completing runs -----------------------------------------------------
     def _prepare(self, code: str, overrides: dict[str, Any], *, validate: bool = False,

@@ -72,6 +72,7 @@ class WorkerStats:
     cpu_percent: float
     runs: int
     started_at: float
+    confinement: list[str] = field(default_factory=list)  # the layers applied (README)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +82,7 @@ class PoolStats:
     workers: list[WorkerStats]
     restarts: int
     queued: int
+    confinement_error: str = ""  # why the last worker refused to start unconfined, if one did
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,6 +48,7 @@ class WorkerHandle:
         self.exited = False  # set by the maintainer once the pidfd reports the process gone
         self.sessions: set[str] = set()  # sessions whose live context this worker holds
         self.drops: deque[str] = deque()  # sessions to free with the next request
+        self.confinement: list[str] = []  # the confinement layers the worker applied
         self._frames: deque[Frame] = deque()
         self._buf = bytearray(_RECV)
         self._pollers: dict[int, select.poll] = {}

@@ -22,6 +22,7 @@ import builtins
 import contextlib
 import itertools
 import json
+import logging
 import os
 import select
 import signal
@@ -47,6 +48,8 @@ from isobox.supervisor.handle import ChannelClosed, WorkerHandle
 from isobox.supervisor.policy import Backoff, CrashLoopBreaker, classify_exit, jittered_max_runs
 from isobox.supervisor.zygote import ZygoteClient
 
+log = logging.getLogger("isobox")
+
 __all__ = ["AsyncCalls", "HostCaller", "PinLost", "Pool", "PoolConfig"]
 
 Emit = Callable[[str, dict[str, Any]], None]
@@ -64,6 +67,7 @@ class PoolConfig:
     max_queue: int = 10_000
     start_timeout: float = 10.0
     preload_typescript: bool = False  # the fork server loads the TypeScript compiler
+    strict_confinement: bool = True  # a worker missing a required layer refuses to start
 
 
 class PinLost(Exception):
@@ -109,7 +113,9 @@ class Pool:
     def __init__(self, config: PoolConfig, emit: Emit) -> None:
         self.config = config
         self._emit = emit
-        self._zygote = ZygoteClient(preload_typescript=config.preload_typescript)
+        self._zygote = ZygoteClient(preload_typescript=config.preload_typescript,
+                                    strict_confinement=config.strict_confinement)
+        self.confinement_error = ""  # why the last worker refused to start, if one did
         self._lock = threading.Lock()
         self._handles: dict[int, WorkerHandle] = {}
         self._idle: deque[WorkerHandle] = deque()
@@ -637,6 +643,19 @@ class Pool:
             frame = handle.recv(time.monotonic() + self.config.start_timeout)
             if frame is None or frame.type is not MsgType.READY:
                 raise IsoBoxError("worker did not become READY")
+            refused = frame.body.get("refused")
+            if refused is not None:
+                self.confinement_error = str(refused)[:500]
+                log.error("isobox worker %d refused to start unconfined: %s (pass "
+                          "confinement='best-effort' to run without the missing layers)",
+                          handle.pid, refused)
+                raise IsoBoxError("worker refused to start unconfined")
+            report = frame.body.get("confinement")
+            if isinstance(report, dict):
+                handle.confinement = [str(x) for x in report.get("applied", [])]
+                missing = report.get("missing") or {}
+                if missing:
+                    log.warning("isobox worker %d runs without %s", handle.pid, missing)
         except (IsoBoxError, ChannelClosed, ProtocolError, OSError):
             if handle is not None:
                 handle.kill("failed to start")
@@ -669,7 +688,8 @@ class Pool:
         if zygote.alive:
             return zygote
         zygote.stop(1.0)
-        fresh = ZygoteClient(preload_typescript=self.config.preload_typescript)
+        fresh = ZygoteClient(preload_typescript=self.config.preload_typescript,
+                             strict_confinement=self.config.strict_confinement)
         fresh.start()
         with self._lock:
             closed = self._closed
@@ -691,7 +711,8 @@ class Pool:
             sample = stats.sample(h.pid)
             rows.append({"pid": h.pid, "state": h.state, "runs": h.runs, "started_at": h.started_at,
                          "rss": sample.rss if sample else 0, "uss": sample.uss if sample else 0,
-                         "cpu_percent": sample.cpu_percent if sample else 0.0})
+                         "cpu_percent": sample.cpu_percent if sample else 0.0,
+                         "confinement": list(h.confinement)})
         return rows, queued
 
 

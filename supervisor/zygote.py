@@ -49,9 +49,10 @@ class ZygoteClient:
     """Owns one fork server process."""
 
     def __init__(self, on_exit: Callable[[int, int], None] | None = None, *,
-                 preload_typescript: bool = False) -> None:
+                 preload_typescript: bool = False, strict_confinement: bool = True) -> None:
         self._on_exit = on_exit
         self._preload_typescript = preload_typescript
+        self._strict_confinement = strict_confinement
         self._proc: subprocess.Popen[bytes] | None = None
         self._ctl: socket.socket | None = None
         self._send_lock = threading.Lock()
@@ -74,6 +75,8 @@ class ZygoteClient:
         cmd = [sys.executable, "-m", "isobox.workers.forkserver", str(child.fileno())]
         if self._preload_typescript:
             cmd.append("--typescript")
+        if not self._strict_confinement:
+            cmd.append("--best-effort")
         # The fork server (and so every worker's initial environment block, which stays
         # readable in /proc/PID/environ even after os.environ.clear()) gets no environment
         # beyond what Python needs to find isobox.

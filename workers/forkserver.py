@@ -29,6 +29,8 @@ from isobox.workers.worker import worker_main
 
 __all__ = ["main"]
 
+_STRICT = True  # workers refuse to start without full confinement (--best-effort: they start)
+
 
 def _send(
     ctl: socket.socket, msg_type: MsgType, body: dict[str, int], fds: list[int], rid: int = 0
@@ -59,7 +61,7 @@ def _spawn(
         ctl.close()
         os.close(wakeup[0])
         os.close(wakeup[1])
-        worker_main(fd)
+        worker_main(fd, strict=_STRICT)
     os.close(fd)
     children.add(pid)
     pidfd = os.pidfd_open(pid)
@@ -121,11 +123,16 @@ def main(argv: list[str] | None = None) -> None:
     ctl = socket.socket(fileno=int(args[0]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     Engine().run(RunSpec(code="1"))  # warm the engine and the allocator before forking
-    if "--typescript" in args[1:]:
-        # Every worker then shares the compiler (about 64 MB) copy-on-write.
-        from isobox.workers import typescript  # noqa: PLC0415 - only when asked for
+    # Confined workers may not open files: what they could need later is loaded here.
+    import pyseccomp  # noqa: F401, PLC0415 - the workers' seccomp layer
 
-        typescript.preload()
+    from isobox.workers import typescript  # noqa: PLC0415
+
+    typescript.read_source()
+    if "--typescript" in args[1:]:
+        typescript.preload()  # every worker then shares the compiler (64 MB) copy-on-write
+    global _STRICT  # noqa: PLW0603 - set once, before any fork
+    _STRICT = "--best-effort" not in args[1:]
     gc.collect()
     gc.freeze()
     with contextlib.suppress(OSError, KeyboardInterrupt):

@@ -63,13 +63,25 @@ def loaded() -> bool:
     return _compiler is not None
 
 
+_source: str | None = None
+
+
+def read_source() -> str:
+    """The compiler's JS source (9 MB), read once: the fork server reads it before forking,
+    so a confined worker, which may not open files, can still load the compiler."""
+    global _source  # noqa: PLW0603 - read once per process, by design
+    if _source is None:
+        _source = resources.files("dukpy").joinpath("jsmodules/typescriptServices.js"
+                                                    ).read_text(encoding="utf-8")
+    return _source
+
+
 def preload() -> None:
     """Make the compiler context now (about 0.6 s and 64 MB here)."""
     global _compiler  # noqa: PLW0603 - one compiler per process, by design
     if _compiler is not None:
         return
-    source = resources.files("dukpy").joinpath("jsmodules/typescriptServices.js").read_text(
-        encoding="utf-8")
+    source = read_source()
     ctx = _quickjs.Context()
     ctx.set_memory_limit(_MEMORY)
     ctx.set_max_stack_size(_STACK)

@@ -24,7 +24,7 @@ from collections import deque
 from typing import Any
 
 from isobox.protocol import Frame, FrameDecoder, MsgType, ProtocolError, encode_frame
-from isobox.workers.confine import confine
+from isobox.workers.confine import ConfinementRefused, confine
 from isobox.workers.engine import Engine, EngineIO, RunOutcome, RunSpec
 
 __all__ = ["serve"]
@@ -207,10 +207,11 @@ def _handle(chan: Channel, engine: Engine, body: dict[str, Any]) -> RunOutcome:
     raise TypeError(f"unknown op {op!r}")
 
 
-def serve(sock: socket.socket, engine: Engine) -> int:
+def serve(sock: socket.socket, engine: Engine, confinement: dict[str, Any] | None = None) -> int:
     """Answer frames until EOF or SHUTDOWN; returns the process exit code."""
     chan = Channel(sock)
-    sock.sendall(encode_frame(MsgType.READY, 0, {"pid": os.getpid()}))
+    sock.sendall(encode_frame(MsgType.READY, 0, {"pid": os.getpid(),
+                                                 "confinement": confinement or {}}))
     try:
         while True:
             frame = chan.control.popleft() if chan.control else chan.next_frame(None)
@@ -241,15 +242,26 @@ def serve(sock: socket.socket, engine: Engine) -> int:
         return gone.code
 
 
-def worker_main(fd: int) -> None:
-    """Entry point in a freshly forked child: confine, prepare, serve, exit."""
+EXIT_UNCONFINED = 5
+
+
+def worker_main(fd: int, *, strict: bool = True) -> None:
+    """Entry point in a freshly forked child: confine, prepare, serve, exit. A worker that
+    could not be confined says why in its READY frame and exits (strict mode)."""
     code = 1
     try:
-        confine(fd)
+        try:
+            report = confine(fd, strict=strict).body()
+        except ConfinementRefused as exc:
+            with socket.socket(fileno=fd) as sock:
+                sock.sendall(encode_frame(MsgType.READY, 0, {"pid": os.getpid(),
+                                                             "refused": str(exc)}))
+            code = EXIT_UNCONFINED
+            return
         sock = socket.socket(fileno=fd)
         engine = Engine()
         engine.prepare()
-        code = serve(sock, engine)
+        code = serve(sock, engine, report)
     except BaseException:
         code = 1
     finally:
