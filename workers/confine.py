@@ -23,7 +23,7 @@ import resource
 import signal
 from dataclasses import dataclass, field
 
-__all__ = ["Confinement", "ConfinementRefused", "confine"]
+__all__ = ["Confinement", "ConfinementRefused", "confine", "prepare"]
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_DUMPABLE = 4
@@ -91,7 +91,22 @@ def _namespaces() -> None:
         raise OSError(ctypes.get_errno(), "unshare failed")
 
 
+_prepared: object | None = None
+
+
+def prepare() -> None:
+    """Build the seccomp filter once, in the fork server: each worker then only loads it
+    (a respawn does not pay for compiling the rules)."""
+    global _prepared  # noqa: PLW0603 - one filter per fork server, by design
+    _prepared = _build_filter()
+
+
 def _seccomp() -> None:
+    f = _prepared if _prepared is not None else _build_filter()
+    f.load()  # type: ignore[attr-defined]
+
+
+def _build_filter() -> object:
     import pyseccomp as sc  # noqa: PLC0415 - imported by the fork server already
 
     deny = sc.ERRNO(errno.EPERM)
@@ -107,7 +122,7 @@ def _seccomp() -> None:
     f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
     for name in ("mmap", "mprotect", "pkey_mprotect"):
         f.add_rule(deny, name, sc.Arg(2, sc.MASKED_EQ, _PROT_EXEC, _PROT_EXEC))
-    f.load()
+    return f
 
 
 def confine(keep_fd: int, *, strict: bool = True) -> Confinement:

@@ -124,10 +124,10 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     Engine().run(RunSpec(code="1"))  # warm the engine and the allocator before forking
     # Confined workers may not open files: what they could need later is loaded here.
-    import pyseccomp  # noqa: F401, PLC0415 - the workers' seccomp layer
+    from isobox.workers import confine, typescript  # noqa: PLC0415
 
-    from isobox.workers import typescript  # noqa: PLC0415
-
+    with contextlib.suppress(Exception):  # a worker that cannot load it reports that itself
+        confine.prepare()
     typescript.read_source()
     if "--typescript" in args[1:]:
         typescript.preload()  # every worker then shares the compiler (64 MB) copy-on-write
