@@ -387,29 +387,9 @@ class Pool:
         (the wall-clock watchdog) and :class:`TimeoutError` is raised. ``want`` pins the run
         to a session's worker. Host-function calls are answered by ``host`` on this thread.
         """
-        rid = next(self._rids)
-        for attempt in (1, 2):
-            handle = self.acquire(deadline, want)
-            frame = self.request_frame(rid, handle, body)
-            try:
-                handle.send(frame, kill_at)
-            except builtins.TimeoutError:
-                raise self._wall_timeout(handle) from None
-            except ChannelClosed:
-                # It died before it could read the request: nothing ran, so try another worker
-                # (a session's run goes back to be placed again, from its checkpoint).
-                error = self.crash_error(handle, "before the run started")
-                if want is not None:
-                    raise PinLost from None
-                if attempt == 2:
-                    raise error from None
-                continue
-            except BaseException:
-                self._kill_and_drop(handle, "the run was interrupted")
-                raise
-            reply = self._await_reply(handle, rid, kill_at, on_output, host)
-            return self._finish(handle, reply), handle
-        raise AssertionError("unreachable")
+        handle, rid = self.send_request(body, deadline=deadline, kill_at=kill_at, want=want)
+        reply = self._await_reply(handle, rid, kill_at, on_output, host)
+        return self._finish(handle, reply), handle
 
     def holds(self, handle: WorkerHandle) -> bool:
         """Whether ``handle`` is still one of the pool's live workers."""
@@ -418,9 +398,64 @@ class Pool:
                 return False
         return handle.alive()
 
-    def next_rid(self) -> int:
-        """A fresh request id (unique per pool)."""
-        return next(self._rids)
+    def send_request(self, body: dict[str, Any], *, deadline: float, kill_at: float,
+                     want: WorkerHandle | None, what: str = "run", retry: bool = True
+                     ) -> tuple[WorkerHandle, int]:
+        """Acquire a worker (``want``: that one) and send it ``body``; its handle and the
+        request id. A worker that died before it could read the request ran nothing, so
+        another is tried once (with ``retry``); a session's request raises PinLost instead."""
+        rid = next(self._rids)
+        for attempt in (1, 2):
+            handle = self.acquire(deadline, want)
+            frame = self.request_frame(rid, handle, body)
+            try:
+                handle.send(frame, kill_at)
+            except BaseException as exc:
+                failure = self._send_failure(handle, exc, want=want, what=what,
+                                             last=attempt == 2 or not retry, verb="interrupted")
+                if failure is None:
+                    continue
+                if failure is exc:
+                    raise
+                raise failure from None
+            return handle, rid
+        raise AssertionError("unreachable")
+
+    async def asend_request(self, body: dict[str, Any], *, deadline: float, kill_at: float,
+                            want: WorkerHandle | None, what: str = "run", retry: bool = True
+                            ) -> tuple[WorkerHandle, int]:
+        """The asyncio twin of :meth:`send_request`."""
+        rid = next(self._rids)
+        for attempt in (1, 2):
+            handle = await self.acquire_async(deadline, want)
+            frame = self.request_frame(rid, handle, body)
+            try:
+                async with asyncio.timeout_at(_loop_time(kill_at)):
+                    await handle.asend(frame)
+            except BaseException as exc:
+                failure = self._send_failure(handle, exc, want=want, what=what,
+                                             last=attempt == 2 or not retry, verb="cancelled")
+                if failure is None:
+                    continue
+                if failure is exc:
+                    raise
+                raise failure from None
+            return handle, rid
+        raise AssertionError("unreachable")
+
+    def _send_failure(self, handle: WorkerHandle, exc: BaseException, *,
+                      want: WorkerHandle | None, what: str, last: bool, verb: str
+                      ) -> BaseException | None:
+        """What a failed send means: the error to raise, or None to try another worker."""
+        if isinstance(exc, builtins.TimeoutError):
+            return self._wall_timeout(handle)
+        if isinstance(exc, ChannelClosed):
+            error = self.crash_error(handle, f"before the {what} started")
+            if want is not None:
+                return PinLost()  # placed again, from its checkpoint
+            return error if last else None
+        self._kill_and_drop(handle, f"the {what} was {verb}")
+        return exc
 
     def request_frame(self, rid: int, handle: WorkerHandle, body: dict[str, Any]) -> bytes:
         """The RUN frame of ``body`` for the just-acquired ``handle``, with its pending session
@@ -490,28 +525,10 @@ class Pool:
                         on_output: OnOutput | None, host: HostCaller | None = None,
                         want: WorkerHandle | None = None) -> tuple[dict[str, Any], WorkerHandle]:
         """The asyncio twin of :meth:`run`; cancelling it kills the worker it ran on."""
-        rid = next(self._rids)
-        for attempt in (1, 2):
-            handle = await self.acquire_async(deadline, want)
-            frame = self.request_frame(rid, handle, body)
-            try:
-                async with asyncio.timeout_at(_loop_time(kill_at)):
-                    await handle.asend(frame)
-            except builtins.TimeoutError:
-                raise self._wall_timeout(handle) from None
-            except ChannelClosed:
-                error = self.crash_error(handle, "before the run started")
-                if want is not None:
-                    raise PinLost from None
-                if attempt == 2:
-                    raise error from None
-                continue
-            except BaseException:
-                self._kill_and_drop(handle, "the run was cancelled")
-                raise
-            reply = await self._await_reply_async(handle, rid, kill_at, on_output, host)
-            return self._finish(handle, reply), handle
-        raise AssertionError("unreachable")
+        handle, rid = await self.asend_request(body, deadline=deadline, kill_at=kill_at,
+                                               want=want)
+        reply = await self._await_reply_async(handle, rid, kill_at, on_output, host)
+        return self._finish(handle, reply), handle
 
     async def _await_reply_async(self, handle: WorkerHandle, rid: int, kill_at: float,
                                  on_output: OnOutput | None,

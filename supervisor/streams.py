@@ -27,7 +27,6 @@ from isobox.supervisor.pool import (
     AsyncCalls,
     HostCaller,
     OnOutput,
-    PinLost,
     answer_call,
     caller,
     read_reply,
@@ -277,21 +276,9 @@ def open_stream(pool: Pool, body: dict[str, Any], *, deadline: float, kill_at: f
                 want: WorkerHandle | None, window: int, idle_timeout: float | None
                 ) -> PoolStream:
     """Send a stream request to a worker (``want``: a session's) from this thread."""
-    rid = pool.next_rid()
-    handle = pool.acquire(deadline, want)
-    frame = pool.request_frame(rid, handle, {**body, "op": "stream", "window": window})
-    try:
-        handle.send(frame, kill_at)
-    except builtins.TimeoutError:
-        raise pool._wall_timeout(handle) from None
-    except ChannelClosed:
-        error = pool.crash_error(handle, "before the stream started")
-        if want is not None:
-            raise PinLost from None
-        raise error from None
-    except BaseException:
-        pool._kill_and_drop(handle, "the stream was interrupted")
-        raise
+    handle, rid = pool.send_request({**body, "op": "stream", "window": window},
+                                    deadline=deadline, kill_at=kill_at, want=want,
+                                    what="stream", retry=False)
     return PoolStream(pool, handle, rid, kill_at=kill_at, on_output=on_output, host=host,
                       window=window, idle_timeout=idle_timeout)
 
@@ -301,21 +288,8 @@ async def open_stream_async(pool: Pool, body: dict[str, Any], *, deadline: float
                             host: HostCaller | None, want: WorkerHandle | None, window: int,
                             idle_timeout: float | None) -> PoolStream:
     """The asyncio twin of :func:`open_stream`."""
-    rid = pool.next_rid()
-    handle = await pool.acquire_async(deadline, want)
-    frame = pool.request_frame(rid, handle, {**body, "op": "stream", "window": window})
-    try:
-        async with asyncio.timeout(max(0.0, kill_at - time.monotonic())):
-            await handle.asend(frame)
-    except builtins.TimeoutError:
-        raise pool._wall_timeout(handle) from None
-    except ChannelClosed:
-        error = pool.crash_error(handle, "before the stream started")
-        if want is not None:
-            raise PinLost from None
-        raise error from None
-    except BaseException:
-        pool._kill_and_drop(handle, "the stream was cancelled")
-        raise
+    handle, rid = await pool.asend_request({**body, "op": "stream", "window": window},
+                                           deadline=deadline, kill_at=kill_at, want=want,
+                                           what="stream", retry=False)
     return PoolStream(pool, handle, rid, kill_at=kill_at, on_output=on_output, host=host,
                       window=window, idle_timeout=idle_timeout)

@@ -401,10 +401,6 @@ class Engine:
         """How many session contexts this engine holds."""
         return len(self._sessions)
 
-    def has_session(self, sid: str) -> bool:
-        """Whether this engine holds a live context for ``sid``."""
-        return sid in self._sessions
-
     def _begin(self, spec: RunSpec, io: EngineIO | None) -> _Drive:
         if spec.session is None:
             self._modules_wanted = bool(spec.entry or spec.require or spec.files
@@ -440,7 +436,7 @@ class Engine:
         drive.start()
         text = drive.settle()
         outcome = _parse_finish(_NEVER if text == "L" else text, spec)
-        if self_mods(drive):
+        if drive.jc.mods:
             outcome.violations = drive.violations()
         if spec.typescript and outcome.kind in "RE":
             outcome.transpiled = spec.code
@@ -649,11 +645,6 @@ def _transpile_sources(drive: _Drive) -> RunOutcome | None:
         return RunOutcome(kind, "{}")
     drive.spec = replace(spec, code=code, files=files or None)
     return None
-
-
-def self_mods(drive: _Drive) -> bool:
-    """Whether the run used the module system (only then can it have violations)."""
-    return drive.jc.mods
 
 
 def _count_items(items: str) -> int:
