@@ -139,7 +139,13 @@ class _BoxCore:
         self._sessions: dict[str, SessionState] = {}
         self._sessions_lock = threading.Lock()
         self._sweeper: threading.Thread | None = None
+        unknown = set(options) - {f.name for f in dataclasses.fields(BoxOptions)}
+        if unknown:
+            raise TypeError(f"unknown option(s) {sorted(unknown)}")
         self._options = BoxOptions(**options)
+        if self._options.sandbox:  # refused now, not at the first run
+            values.encode(dict(self._options.sandbox), what="sandbox",
+                          limit=self._options.max_input_size)
         config = dataclasses.replace(pool_config(pool),
                                      preload_typescript=typescript == "preload",
                                      strict_confinement=confinement == "strict")
@@ -340,7 +346,7 @@ class _BoxCore:
         if kind == "C":
             return CompileError(message, name=name, stack=stack, line=record.get("line"),
                                 column=record.get("column"))
-        if name == "SecurityError":
+        if name == "SecurityError" or record.get("security") is True:
             return SecurityError(message, name=name, stack=stack)
         return ScriptError(message, name=name, stack=stack)
 

@@ -31,7 +31,11 @@ __all__ = ["HostFunctions", "sanitize"]
 log = logging.getLogger("isobox")
 
 _NAME = re.compile(r"^[A-Za-z_$][A-Za-z0-9_$]*$")
-_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][\w.@+-]+){2,}[/\\]?")
+# Absolute or relative paths of two components or more, and absolute ones of one component
+# ("/etc", "C:\\x") where a path can start (not "1/2" or "a/b" inside a word).
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][\w.@+-]+){2,}[/\\]?"
+                   r"|(?:(?<=[\s'\"=(:,\[])|^)(?:[A-Za-z]:)?[/\\][\w.@+-]+[/\\]?")
+_ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{6,}\b")  # "<object at 0x7f...>": host memory layout
 _MAX_MESSAGE = 500
 _MAX_RESULT = 32 * 2**20  # characters: a result must fit the channel's 96 MiB frame
 # JS globals a host function may not shadow: the language's own (some cannot be redefined at
@@ -55,11 +59,13 @@ _RESERVED = frozenset({
 def sanitize(message: str) -> str:
     """A host exception's message as the sandbox may see it: no paths, no environment values,
     bounded in length."""
-    # Longest first: a value that contains another must go whole, not around the shorter one.
+    # Paths first, so a path that contains an environment value goes whole; then values,
+    # longest first, so a value that contains another goes whole too.
+    message = _PATH.sub("<path>", message)
     for value in sorted(set(os.environ.values()), key=len, reverse=True):
         if len(value) >= 8 and value in message:
             message = message.replace(value, "<redacted>")
-    message = _PATH.sub("<path>", message)
+    message = _ADDRESS.sub("0x…", message)
     return message if len(message) <= _MAX_MESSAGE else message[:_MAX_MESSAGE] + "..."
 
 

@@ -53,6 +53,7 @@ import math
 import os
 import platform
 import signal
+import socket
 import statistics
 import sys
 import threading
@@ -67,6 +68,7 @@ import psutil
 
 from isobox import IsoBox, IsoBoxError
 from isobox import TimeoutError as BoxTimeoutError
+from isobox.workers import confine
 
 MIB = 2**20
 TIMEOUT = 5.0
@@ -410,6 +412,39 @@ def bench_respawn(plan: Plan, seen: set[int]) -> dict[str, Any]:
     return out
 
 
+def confine_once() -> float:
+    """Seconds ``confine()`` takes in a freshly forked child (the fork server's filter is
+    prebuilt, as in a real worker start); the child reports over the one fd it keeps."""
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the child: confine exactly as a worker does, report, exit
+        try:
+            ours.close()
+            # Right after fork the child's first steps take the copy-on-write faults of the
+            # interpreter, whatever they are: fork's cost, paid by every worker with or
+            # without confinement. Settle them before the clock starts.
+            confine.Confinement().body()
+            time.sleep(0.001)
+            start = time.perf_counter()
+            confine.confine(theirs.fileno(), strict=False)
+            os.write(theirs.fileno(), repr(time.perf_counter() - start).encode())
+        finally:
+            os._exit(0)
+    theirs.close()
+    with ours:
+        ours.settimeout(10)
+        text = ours.recv(64).decode()
+    os.waitpid(pid, 0)
+    return float(text)
+
+
+def bench_confinement(plan: Plan) -> dict[str, Any]:
+    """The cost of confinement per worker start (issue 5's target: under 5 ms)."""
+    confine.prepare()
+    samples = [confine_once() for _ in range(max(5, plan.respawn_reps * 2))]
+    return {"confine": summary(samples), "samples": samples}
+
+
 def bench_idle_memory(box: IsoBox) -> dict[str, Any]:
     """USS and RSS of idle workers (median over workers and three samples)."""
     uss: list[float] = []
@@ -657,6 +692,8 @@ def build_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     timing("W4 next run after the error median", fig(w4, "to_next", "p50"), None)
     timing("Respawn: kill -> 2 idle, median", fig(resp, "to_idle", "p50"), None)
     timing("Respawn: kill -> 2 idle + run ok, median", fig(resp, "to_run", "p50"), None)
+    timing("Confinement per worker start, median", fig(res.get("confinement"), "confine", "p50"),
+           None)
     stream = res.get("stream")
     box_rate, floor_rate = fig(stream, "isobox", "p50"), fig(stream, "floor", "p50")
     r = ratio(box_rate, floor_rate)
@@ -692,6 +729,7 @@ def build_targets(res: dict[str, Any]) -> list[Target]:
     rate = fig(tput, "isobox", "p50")
     err, nxt = fig(w4, "to_error", "p50"), fig(w4, "to_next", "p50")
     back, uss = fig(resp, "to_run", "p50"), fig(res.get("idle_memory"), "uss_mib", "p50")
+    conf = fig(res.get("confinement"), "confine", "p50")
 
     def x(v: float | None) -> str:
         return f"{v:.2f}x" if v is not None else "-"
@@ -716,6 +754,7 @@ def build_targets(res: dict[str, Any]) -> list[Target]:
         Target("W4 error <= 150 ms (100 ms limit)", err, 0.150, ms(err)),
         Target("W4 next run <= 30 ms", nxt, 0.030, ms(nxt)),
         Target("Respawn <= 50 ms", back, 0.050, ms(back)),
+        Target("Confinement < 5 ms per worker start", conf, 0.005, ms(conf)),
         Target("Idle USS <= 15 MiB", uss, 15.0, f"{uss:.1f} MiB" if uss is not None else "-"),
         Target(">= 100,000 stream values/s", srate, 100_000,
                f"{srate:,.0f}/s" if srate is not None else "-", at_least=True),
@@ -846,6 +885,7 @@ def run_all(plan: Plan) -> dict[str, Any]:
             box.shutdown()
     guarded(res, "respawn", lambda: bench_respawn(plan, seen))
     guarded(res, "typescript", lambda: bench_typescript(plan))
+    guarded(res, "confinement", lambda: bench_confinement(plan))
     res["leftover_pids"] = leftovers(seen)
     return res
 

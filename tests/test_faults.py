@@ -299,13 +299,17 @@ def test_hang_while_converting_result_is_a_timeout(box: IsoBox, code: str) -> No
 
 @pytest.mark.timeout(30)
 def test_looping_error_to_string_does_not_hang(box: IsoBox) -> None:
-    """A looping Error.prototype.toString is never called for the error record: plain error."""
-    code = "Error.prototype.toString = function () { for (;;) {} }; throw new Error('x')"
+    """A looping toString on an error subclass is never called for the error record: plain
+    error. (Error.prototype itself is frozen: replacing its toString is a TypeError.)"""
+    code = ("class E extends Error {}; E.prototype.toString = function () { for (;;) {} };"
+            " throw new E('x')")
     error, _ = timed_error(lambda: box.run(code, timeout=3, cpu_timeout=1), 8.0)
-    assert isinstance(error, (ScriptError, BoxTimeoutError)), repr(error)
-    if isinstance(error, ScriptError):
-        assert error.name == "Error"
-        assert error.message == "x"
+    assert isinstance(error, ScriptError), repr(error)
+    assert (error.name, error.message) == ("Error", "x")
+    frozen, _ = timed_error(lambda: box.run(
+        "Error.prototype.toString = function () { for (;;) {} }; throw new Error('x')"), 8.0)
+    assert isinstance(frozen, ScriptError), repr(frozen)
+    assert frozen.name == "TypeError" and "read only property 'toString'" in frozen.message
     assert_serves(box)
 
 

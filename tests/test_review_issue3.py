@@ -95,7 +95,7 @@ def test_oversized_host_result_is_a_js_error_sync_box() -> None:
 
 def test_oversized_async_host_result_is_a_js_error_async_box() -> None:
     async def main() -> Any:
-        async with AsyncIsoBox(pool={"min": 1, "max": 1}, timeout=3) as box:
+        async with AsyncIsoBox(pool={"min": 1, "max": 1}, timeout=10) as box:
             # Top-level await keeps only a last expression statement: end with one.
             code = "let r; try { r = String(await big()).length } catch (e) { r = 'caught' }\nr"
             return await box.run(code, functions={"big": _abig})

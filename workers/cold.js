@@ -13,7 +13,8 @@
     aFrom: Array.from, mapEntries: Map.prototype.entries, setValues: Set.prototype.values, Err: Error,
     SynErr: SyntaxError, TypeErr: TypeError, RangeErr: RangeError, Str: String, slice: String.prototype.slice,
     split: String.prototype.split, indexOf: String.prototype.indexOf, reExec: RegExp.prototype.exec,
-    AsyncFn: (async function () {}).constructor, enc: hot.enc };
+    AsyncFn: (async function () {}).constructor, enc: hot.enc, charCode: String.prototype.charCodeAt,
+    symKeyFor: Symbol.keyFor, filter: (a, f) => { const o = []; for (let i = 0; i < a.length; i++) if (f(a[i])) o[o.length] = a[i]; return o; } };
   const { ap, JS, isView, hasOwn, keys, entries, fromEntries, isArr, defProp, Tag, D, AB } = K;
   const T = '$isobox';
   const str = (s, m, a) => ap(K[m], s, a);
@@ -160,7 +161,7 @@
     }
     let fn;
     try {
-      fn = K.ev(HEAD + completionSplit(code) + '\n})');
+      fn = K.ev(S.src(HEAD + completionSplit(code) + '\n})'));
     } catch (e2) {
       set({ ok: false, error: e2, record: compileRecord(e2, HEAD.length) });
       return 'D';
@@ -172,6 +173,7 @@
       return ['E', JS({ name: 'Error', message: "the script's promise never settled and nothing is left to run", stack: '' })];
     }
     const r = st.record || record(st.error);
+    for (let i = 0; i < S.trapped.length; i++) if (S.trapped[i] === st.error) r.security = true;
     return [r.compile ? 'C' : 'E', JS(r)];
   }
   function reviveTag(o) {
@@ -212,6 +214,90 @@
     }
     return '';
   }
+  // A read of a Node global the run does not provide (prelude.js). The caller's frame gives
+  // the line and the UTF-8 byte column of the identifier in one of the run's sources: after
+  // `typeof` the read is a feature test (undefined, no violation); after `.` it is a property
+  // read (undefined, a violation); a bare reference throws the ReferenceError the script expects.
+  const IDENT = /[\w$]/, TYPEOF = /(^|[^\w$])typeof[\s(]*$/, DOT = /\.\s*$/;
+  function position() {
+    const E = S.Err;
+    let lim = 10, st = '';
+    try { lim = E.stackTraceLimit; E.stackTraceLimit = 16; } catch (_) { /* a frozen limit */ }
+    try { st = new E().stack; } catch (_) { st = ''; }
+    try { E.stackTraceLimit = lim; } catch (_) { /* as above */ }
+    const lines = str(typeof st === 'string' ? st : '', 'split', ['\n']);
+    for (let i = 0; i + 1 < lines.length; i++) {
+      if (str(lines[i], 'indexOf', ['isoboxProbe']) < 0) continue;
+      const m = ap(K.reExec, /<input>:(\d+):(\d+)\)?$/, [lines[i + 1]]);
+      return m ? [+m[1], +m[2]] : [];  // [] for a native caller: Reflect.get and the like
+    }
+    return null;
+  }
+  function accessKind(k, pos) {
+    if (pos === null) return 'bare';
+    if (pos.length === 0) return 'other';
+    for (let s = S.srcs.length - 1; s >= 0; s--) {
+      const line = str(S.srcs[s], 'split', ['\n'])[pos[0] - 1];
+      if (line === undefined) continue;
+      let i = 0;
+      for (let bytes = 0; i < line.length && bytes < pos[1] - 1; i++) {
+        const c = ap(K.charCode, line, [i]);
+        bytes += c < 0x80 ? 1 : c < 0x800 ? 2 : (c >= 0xd800 && c < 0xdc00) ? (i++, 4) : 3;
+      }
+      if (str(line, 'slice', [i, i + k.length]) !== k || test(IDENT, line[i + k.length] || '')) continue;
+      const before = str(line, 'slice', [0, i]);
+      return test(TYPEOF, before) ? 'typeof' : test(DOT, before) ? 'property' : 'bare';
+    }
+    return 'other';
+  }
+  function probe(k) {
+    const how = accessKind(k, position());
+    if (how === 'typeof') return undefined;
+    S.violation('forbidden_global', { name: k, access: how === 'bare' ? 'reference' : 'property' },
+      how === 'bare' ? 'high' : 'medium');
+    if (how !== 'bare') return undefined;
+    const e = new S.RefErr(k + ' is not defined');
+    S.trapped[S.trapped.length] = e;
+    throw e;
+  }
+  let weakApi = null;
+  function weak() {
+    if (weakApi !== null) return weakApi;
+    const holdable = (t) => (typeof t === 'object' && t !== null) || typeof t === 'function'
+      || (typeof t === 'symbol' && K.symKeyFor(t) === undefined);
+    class WeakRef {
+      #target;
+      constructor(target) {
+        if (!holdable(target)) throw new K.TypeErr('WeakRef: invalid target');
+        this.#target = target;
+      }
+      deref() { return this.#target; }
+      get [Symbol.toStringTag]() { return 'WeakRef'; }
+    }
+    class FinalizationRegistry {
+      #tokens = [];
+      constructor(cleanup) {
+        if (typeof cleanup !== 'function') throw new K.TypeErr('FinalizationRegistry: cleanup must be callable');
+      }
+      register(target, held, token) {
+        if (!holdable(target)) throw new K.TypeErr('FinalizationRegistry.register: invalid target');
+        if (target === held) throw new K.TypeErr('FinalizationRegistry.register: target and holdings must not be the same');
+        if (token !== undefined) {
+          if (!holdable(token)) throw new K.TypeErr('FinalizationRegistry.register: invalid unregister token');
+          this.#tokens[this.#tokens.length] = token;
+        }
+      }
+      unregister(token) {
+        if (!holdable(token)) throw new K.TypeErr('FinalizationRegistry.unregister: invalid unregister token');
+        const t = this.#tokens, n = t.length;
+        this.#tokens = K.filter(t, (x) => x !== token);
+        return this.#tokens.length !== n;
+      }
+      get [Symbol.toStringTag]() { return 'FinalizationRegistry'; }
+    }
+    weakApi = { WeakRef, FinalizationRegistry };
+    return weakApi;
+  }
   const op = (name, a) => (name === 'validate' ? validate(S.JP(a)) : '');
-  return { op, validate, rep, kind, encodeFailure, tooLarge, fmt, failed, failure, revive, describe: describePath };
+  return { op, validate, probe, weak, rep, kind, encodeFailure, tooLarge, fmt, failed, failure, revive, describe: describePath };
 })

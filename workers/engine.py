@@ -435,8 +435,9 @@ class Engine:
             return RunOutcome("C", error) if error else RunOutcome("R", "null\nnull")
         drive.start()
         text = drive.settle()
-        outcome = _parse_finish(_NEVER if text == "L" else text, spec)
-        if drive.jc.mods:
+        flagged = text.startswith("!")  # the run recorded security violations
+        outcome = _parse_finish(_NEVER if text == "L" else text[flagged:], spec)
+        if flagged:
             outcome.violations = drive.violations()
         if spec.typescript and outcome.kind in "RE":
             outcome.transpiled = spec.code
@@ -541,6 +542,8 @@ class Stream:
     def _end(self, outcome: RunOutcome) -> None:
         self.outcome = outcome
         drive = self.drive
+        if drive is not None and not outcome.violations:
+            outcome.violations = drive.violations()
         if drive is not None and drive.jc.session:
             self.engine._after_session_run(drive, outcome)
             outcome.state = None  # a stream does not checkpoint; the next run will

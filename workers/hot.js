@@ -76,6 +76,8 @@
     fmt: (v) => C().fmt(v),
     failed: (e, code) => C().failed(e, code),
     op: (op, a) => (op === 'console' ? takeCon() : C().op(op, a)),
+    probe: (k) => C().probe(k),
+    weak: () => C().weak(),
   };
   return api;
 })

@@ -166,7 +166,7 @@
   function streamStart(code) {
     const head = genBody(code);
     if (head === null) return null;
-    const fn = S.ev(head + code + '\n})');
+    const fn = S.ev(S.src(head + code + '\n})'));
     S.st = { ok: true, value: fn() };
     return 'D';
   }

@@ -146,7 +146,7 @@
       names[names.length] = path;
     }
     let all;
-    try { all = S.ev(src + '})'); } catch (_) { return; }
+    try { all = S.ev(S.src(src + '})')); } catch (_) { return; }
     for (let i = 0; i < names.length; i++) compiled.set(names[i], all[names[i]]);
   }
   function compileOne(file, source) {
@@ -154,7 +154,7 @@
     const fn = source === files.get(file) && compiled.get(file);
     if (fn) return fn;
     const name = S.JS(file);
-    return S.ev('({' + name + HEAD + source + '\n}})[' + name + ']');
+    return S.ev(S.src('({' + name + HEAD + source + '\n}})[' + name + ']'));
   }
   function isoboxModRun(key, file, source) {
     // Node's semantics: the module is cached before it runs, so a circular require sees its

@@ -16,7 +16,44 @@
   const L = () => S.loop || (S.loop = ev(S.loopSrc)(S, H));
   const MOD = () => S.mods || (S.mods = ev(S.modSrc)(S, H));
   const FS = () => S.memfs || (S.memfs = ev(S.fsSrc)(S));
-  S.violation = (type, details) => { S.violations[S.violations.length] = { type, severity: 'high', details }; };
+  S.violation = (type, details, severity) => { S.violations[S.violations.length] = { type, severity: severity || 'high', details }; };
+  // Hardening, before any untrusted byte. The error path's intrinsics are frozen: a script cannot
+  // redefine what the conversion of a thrown value reads (name, message, toString, constructor,
+  // Symbol.toPrimitive). Each writable property becomes an accessor whose setter defines an own
+  // property on the receiver, so `this.name = ...` in a subclass still works (the override mistake).
+  const E = Error, gopd = Object.getOwnPropertyDescriptor, TP = Symbol.toPrimitive;
+  S.Err = E; S.RefErr = ReferenceError; S.srcs = []; S.trapped = [];
+  const tame = (o, k, v) => dp(o, k, { configurable: false, enumerable: false, get() { return v; },
+    set(x) { if (this === o) throw new TypeError("Cannot assign to read only property '" + String(k) + "'"); dp(this, k, { value: x, writable: true, enumerable: true, configurable: true }); } });
+  const errs = [E, EvalError, RangeError, ReferenceError, SyntaxError, TypeError, URIError, InternalError, AggregateError];
+  if (typeof SuppressedError === 'function') errs[errs.length] = SuppressedError;
+  for (const C of errs) {
+    const p = C.prototype;
+    for (const k of ['name', 'message', 'toString', 'constructor']) { const d = gopd(p, k); if (d !== undefined && 'value' in d) tame(p, k, d.value); }
+    if (C !== E) { Object.freeze(p); Object.freeze(C); }
+  }
+  tame(E.prototype, TP, undefined);
+  Object.freeze(E.prototype);
+  // Error.prepareStackTrace would run script code inside every error the engine or the prelude
+  // creates: it is pinned to undefined and assignments are ignored.
+  dp(E, 'prepareStackTrace', { configurable: false, get() { return undefined; }, set(_) {} });
+  dp(E, 'captureStackTrace', { writable: false, configurable: false });
+  // A WeakRef or a FinalizationRegistry makes garbage collection observable and runs callbacks
+  // at arbitrary points: both are replaced (hot.js) by versions the spec allows, a WeakRef that
+  // holds its target and a registry whose callbacks never run.
+  for (const k of ['WeakRef', 'FinalizationRegistry']) {
+    delete G[k];
+    dp(G, k, { configurable: true, get: () => H().weak()[k], set: (v) => dp(G, k, { value: v, writable: true, configurable: true }) });
+  }
+  // Node's globals, where the run does not provide them: reading one records a
+  // security:violation and throws the ReferenceError the script expects (`typeof` still says
+  // "undefined"; cold.js tells the two apart from the caller's position in the source).
+  for (const k of ['process', 'require', 'Buffer', 'global', 'module']) {
+    dp(G, k, { configurable: true, get: function isoboxProbe() { return H().probe(k); },
+      set: (v) => dp(G, k, { value: v, writable: true, configurable: true, enumerable: true }) });
+  }
+  // The sources that ran as user code, newest last (a session keeps its recent ones).
+  S.src = (t) => { const a = S.srcs; if (a.length >= 32) a.splice(0, 1); a[a.length] = t; return t; };
   // QuickJS throws InternalError("out of memory"), or null when it cannot even allocate that;
   // caught here, before any library would have to be parsed in an exhausted heap.
   // No instanceof on thrown values: a Proxy trap or Symbol.hasInstance would run user code here.
@@ -45,6 +82,21 @@
   return function isobox(op, a) {
     try { return dispatch(op, a); } catch (_) { return FAIL; }
   };
+  function finish() {
+    // Not ready while timers or host calls may still settle it: the engine drives the loop.
+    if (S.st === null && S.unc === null && S.loop !== null && S.loop.busy()) return 'L';
+    const st = S.st;
+    if (S.unc !== null) { S.st = { ok: false, error: S.unc.e }; S.unc = null; return ap(slice, H().finish(), [0]); }
+    if (st !== null && st.ok && S.con.length === 0 && !S.over) {
+      const v = st.value, t = typeof v;
+      if (t === 'boolean' || (t === 'number' && v - v === 0) || (t === 'string' && v.length * 6 < S.lim.result)) {
+        return ap(slice, 'R2:[]' + t + '\n' + JS(v), [0]);
+      }
+      if (v === undefined || v === null) return v === null ? 'R2:[]null\nnull' : 'R2:[]undefined\nnull';
+    }
+    if (st !== null && !st.ok && oom(st.error)) return 'M2:[]{}';
+    return ap(slice, H().finish(), [0]);
+  }
   function dispatch(op, a) {
     switch (op) {
       case 'setup': case 'run': {
@@ -69,7 +121,7 @@
         if (cfg.session) code = L().repl(code);
         try {
           if (cfg.stream) { const r = L().streamStart(code); if (r !== null) return r; }
-          const v = ev(code);
+          const v = ev(S.src(code));
           return S.settle(entry !== null && v === undefined ? MOD().exportsOf(entry) : v);
         } catch (e) {
           if (oom(e)) { S.st = { ok: false, error: e }; return 'D'; }
@@ -77,19 +129,10 @@
         }
       }
       case 'finish': {
-        // Not ready while timers or host calls may still settle it: the engine drives the loop.
-        if (S.st === null && S.unc === null && S.loop !== null && S.loop.busy()) return 'L';
-        const st = S.st;
-        if (S.unc !== null) { S.st = { ok: false, error: S.unc.e }; S.unc = null; return ap(slice, H().finish(), [0]); }
-        if (st !== null && st.ok && S.con.length === 0 && !S.over) {
-          const v = st.value, t = typeof v;
-          if (t === 'boolean' || (t === 'number' && v - v === 0) || (t === 'string' && v.length * 6 < S.lim.result)) {
-            return ap(slice, 'R2:[]' + t + '\n' + JS(v), [0]);
-          }
-          if (v === undefined || v === null) return v === null ? 'R2:[]null\nnull' : 'R2:[]undefined\nnull';
-        }
-        if (st !== null && !st.ok && oom(st.error)) return 'M2:[]{}';
-        return ap(slice, H().finish(), [0]);
+        // A run that recorded security violations says so with a leading '!': the engine
+        // fetches them only then.
+        const t = finish();
+        return S.violations.length === 0 || t === 'L' ? t : ap(slice, '!' + t, [0]);
       }
       case 'hot': S.hotSrc = a; return 'ok';
       case 'cold': S.coldSrc = a; return 'ok';

@@ -4,10 +4,14 @@ and what a confined process may no longer do."""
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import mmap
 import os
+import resource
 import socket
+import termios
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -146,6 +150,53 @@ def test_seccomp_refuses_what_a_worker_never_needs() -> None:
     assert got == {"open": denied, "create": denied, "socket": denied, "fork": denied,
                    "exec": denied, "exec-mapping": denied, "ptrace": denied,
                    "compute": "499500", "missing": []}, got
+
+
+def test_the_allowlist_refuses_signals_prctl_ioctl_and_limits() -> None:
+    """The filter is an allowlist: what is not on it (signalling another process, undoing
+    not-dumpable, ioctl, setting a limit) fails with EPERM; threads and reading limits work."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def call(result: int) -> None:
+        if result != 0:
+            raise OSError(ctypes.get_errno(), "refused")
+
+    def thread() -> None:
+        done: list[int] = []
+        worker = threading.Thread(target=lambda: done.append(1))
+        worker.start()
+        worker.join()
+        if done != [1]:
+            raise OSError(0, "thread did not run")
+
+    def lower_limit() -> None:
+        try:  # even lowering one needs prlimit64 with a new limit, which is refused
+            resource.setrlimit(resource.RLIMIT_NOFILE, (8, 8))
+        except ValueError as exc:  # CPython's word for EPERM here
+            raise OSError(1, str(exc)) from exc
+
+    def attempts() -> dict[str, str]:
+        return {
+            "kill": _outcome(lambda: os.kill(parent, 0)),
+            "dumpable": _outcome(lambda: call(libc.prctl(4, 1, 0, 0, 0))),
+            "ioctl": _outcome(lambda: fcntl.ioctl(0, termios.FIONREAD, b"\0" * 4)),
+            "set-limit": _outcome(lower_limit),
+            "read-limit": str(resource.getrlimit(resource.RLIMIT_NOFILE)[0]),
+            "thread": _outcome(thread),
+        }
+
+    got = _in_confined_child(attempts)
+    denied = os.strerror(1)
+    assert got == {"kill": denied, "dumpable": denied, "ioctl": denied,
+                   "set-limit": denied, "read-limit": str(confine_module.NOFILE),
+                   "thread": "allowed", "missing": []}, got
+
+
+def test_no_call_named_as_denied_is_on_the_allowlist() -> None:
+    allowed = set(confine_module._ALLOWED_SYSCALLS) | {"clone", "mmap", "mprotect",
+                                                        "prlimit64"}
+    assert not allowed & set(confine_module._DENIED_SYSCALLS)
 
 
 def test_strict_mode_refuses_when_a_required_layer_fails(monkeypatch: pytest.MonkeyPatch
