@@ -69,8 +69,8 @@ def sanitize(message: str) -> str:
     return message if len(message) <= _MAX_MESSAGE else message[:_MAX_MESSAGE] + "..."
 
 
-def _error(message: str) -> str:
-    return "e" + json.dumps({"message": message}, ensure_ascii=True)
+def _error(message: str, name: str = "Error") -> str:
+    return "e" + json.dumps({"message": message, "name": name}, ensure_ascii=True)
 
 
 class HostFunctions:
@@ -115,9 +115,13 @@ class HostFunctions:
         if entry is None:
             return _error(f"host function {name} is not available")
         try:
-            decoded = values.decode(args)
+            decoded = values.decode(args, what="arguments")
+        except SerializationError as exc:  # an Invalid Date, nesting past Python's limit
+            return _error(f"host function {name}: its arguments cannot be passed to the host "
+                          f"({exc})", "TypeError")
         except (ValueError, TypeError):
-            return _error(f"host function {name}: its arguments could not be decoded")
+            return _error(f"host function {name}: its arguments could not be decoded",
+                          "TypeError")
         return entry[0], decoded if isinstance(decoded, list) else [decoded]
 
     @staticmethod

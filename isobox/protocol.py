@@ -93,7 +93,9 @@ def encode_frame(
     msg_type: MsgType, request_id: int, body: dict[str, Any], *, max_frame: int = MAX_FRAME
 ) -> bytes:
     """Encode one frame; raises :class:`ProtocolError` if it would exceed ``max_frame``."""
-    payload: bytes = msgpack.packb([VERSION, int(msg_type), request_id, body], use_bin_type=True)
+    # Strings may hold lone surrogates (JS strings can): both ends pass them through.
+    payload: bytes = msgpack.packb([VERSION, int(msg_type), request_id, body], use_bin_type=True,
+                                   unicode_errors="surrogatepass")
     if len(payload) > max_frame:
         raise ProtocolError(f"frame of {len(payload)} bytes exceeds the cap of {max_frame}")
     return _HEADER.pack(len(payload)) + payload
@@ -165,6 +167,7 @@ class FrameDecoder:
             return msgpack.unpackb(
                 payload,
                 raw=False,
+                unicode_errors="surrogatepass",
                 strict_map_key=True,
                 use_list=True,
                 max_str_len=limit,

@@ -54,6 +54,14 @@ def encode(value: Any, *, what: str = "sandbox", limit: int | None = None) -> tu
 
     ``tagged`` says the text holds tagged specials, so the JS side must revive it.
     """
+    try:
+        return _encode(value, what, limit)
+    except RecursionError:
+        raise SerializationError(f"{what} is nested too deeply to cross the boundary",
+                                 path=what) from None
+
+
+def _encode(value: Any, what: str, limit: int | None) -> tuple[str, bool]:
     text: str | None = None
     try:
         text = json.dumps(value, ensure_ascii=True, allow_nan=False, check_circular=True,
@@ -79,7 +87,8 @@ def _prepare(value: Any, path: str, active: set[int]) -> Any:
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):
-        return value if -_SAFE <= value <= _SAFE else {_TAG: "big", "v": str(value)}
+        # Hex: CPython refuses decimal conversions of over 4,300 digits (sys.int_info).
+        return value if -_SAFE <= value <= _SAFE else {_TAG: "big", "v": hex(value)}
     if isinstance(value, float):
         if math.isfinite(value):
             return value
@@ -132,7 +141,7 @@ def _revive_tag(kind: Any, raw: Any, obj: dict[str, Any]) -> Any:
     if kind == "num":
         return float(raw)
     if kind == "big":
-        return int(raw)
+        return int(raw, 0)  # "0x..." / "-0x..." (a power-of-two base has no digit limit)
     if kind == "date":
         if not isinstance(raw, (int, float)) or not math.isfinite(raw):
             raise SerializationError("an Invalid Date cannot cross the boundary", path="result")
@@ -157,9 +166,13 @@ def _parse_int(digits: str) -> int | float:
     return value if -_SAFE <= value <= _SAFE else float(digits)
 
 
-def decode(text: str) -> Any:
+def decode(text: str, *, what: str = "result") -> Any:
     """Decode tagged JSON text produced by the sandbox (or by :func:`encode`)."""
     hook = _revive if _TAG in text else None
-    if _SIXTEEN_DIGITS in text.translate(_DIGITS):
-        return json.loads(text, object_hook=hook, parse_int=_parse_int)
-    return json.loads(text, object_hook=hook)
+    try:
+        if _SIXTEEN_DIGITS in text.translate(_DIGITS):
+            return json.loads(text, object_hook=hook, parse_int=_parse_int)
+        return json.loads(text, object_hook=hook)
+    except RecursionError:
+        raise SerializationError(f"{what} is nested too deeply to cross the boundary "
+                                 f"(Python's recursion limit)", path=what) from None

@@ -752,13 +752,26 @@ def read_reply(frame: Frame, request_id: int, on_output: OnOutput | None) -> dic
     if frame.request_id != request_id:
         raise ProtocolError(f"reply for request {frame.request_id}, expected {request_id}")
     if frame.type is MsgType.OUTPUT:
-        lines = frame.body.get("console")
-        if on_output is not None and isinstance(lines, list):
-            on_output([(str(k), str(m)) for k, m in lines])
+        lines = _console_lines(frame.body.get("console"), "OUTPUT")
+        if on_output is not None:
+            on_output(lines)
         return None
     if frame.type is MsgType.RESULT:
-        return frame.body
+        body = frame.body
+        if not isinstance(body.get("kind"), str) or not isinstance(body.get("payload", ""), str):
+            raise ProtocolError("malformed RESULT frame: kind and payload must be strings")
+        body["console"] = _console_lines(body.get("console", []), "RESULT")
+        return body
     raise ProtocolError(f"unexpected {frame.type.name} frame during a run")
+
+
+def _console_lines(lines: Any, what: str) -> list[tuple[str, str]]:
+    """A frame's console lines, checked: a list of ``[kind, message]`` string pairs."""
+    if not isinstance(lines, list) or not all(
+            isinstance(line, list) and len(line) == 2
+            and isinstance(line[0], str) and isinstance(line[1], str) for line in lines):
+        raise ProtocolError(f"malformed {what} frame: console lines must be [kind, message]")
+    return [(k, m) for k, m in lines]
 
 
 def caller(host: HostCaller | None, deadline: float) -> Callable[[str, str], str] | None:

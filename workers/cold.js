@@ -35,7 +35,8 @@
     // The prelude's replacer handles plain values; everything else comes here.
     switch (typeof v) {
       case 'number': return new Tag('num', v !== v ? 'NaN' : v > 0 ? 'Infinity' : '-Infinity');
-      case 'bigint': return new Tag('big', ap(K.bigStr, v, []));
+      // Hex, not decimal: Python converts decimal strings of over 4,300 digits only on request.
+      case 'bigint': return new Tag('big', v < 0n ? '-0x' + ap(K.bigStr, -v, [16]) : '0x' + ap(K.bigStr, v, [16]));
       case 'object':
         if (isView(v) || v instanceof AB) return new Tag('bytes', ap(K.b64, bytesOf(v), []));
         if (v instanceof K.M) {
@@ -64,6 +65,16 @@
       for (let i = 0; i < stack.length; i++) if (stack[i] === v) return path + ' is a cyclic reference';
       if (isView(v) || v instanceof AB || v instanceof D) return null;
       stack[stack.length] = v;
+      if (v instanceof K.M || v instanceof K.S) {
+        // A Map crosses as an object (its keys as strings), a Set as an array.
+        const isMap = v instanceof K.M, items = K.aFrom(ap(isMap ? K.mapEntries : K.setValues, v, []));
+        for (let i = 0; i < items.length; i++) {
+          const found = isMap ? walk(items[i][1], path + '.' + K.Str(items[i][0])) : walk(items[i], path + '[' + i + ']');
+          if (found !== null) return found;
+        }
+        stack.length--;
+        return null;
+      }
       const ks = isArr(v) ? null : keys(v);
       const n = ks === null ? v.length : ks.length;
       for (let i = 0; i < n; i++) {
@@ -76,7 +87,31 @@
     }
     return walk(root, name || 'result') || (name || 'result') + ' cannot be serialized';
   }
+  const getTime = D.prototype.getTime;
+  function badDate(root, name) {
+    // Python's datetime holds years 1 to 9999: from -62135596800000 to 253402300799999 ms.
+    const seen = [];
+    function walk(v, path) {
+      if (typeof v !== 'object' || v === null) return null;
+      if (v instanceof D) {
+        const ms = ap(getTime, v, []);
+        if (ms !== ms) return path + ' is an Invalid Date';
+        return ms < -62135596800000 || ms > 253402300799999 ? path + " is a Date outside the host's range (years 1 to 9999)" : null;
+      }
+      for (let i = 0; i < seen.length; i++) if (seen[i] === v) return null;
+      seen[seen.length] = v;
+      if (isView(v) || v instanceof AB) return null;
+      const ks = isArr(v) ? null : keys(v), n = ks === null ? v.length : ks.length;
+      for (let i = 0; i < n; i++) {
+        const found = ks === null ? walk(v[i], path + '[' + i + ']') : walk(v[ks[i]], path + '.' + ks[i]);
+        if (found !== null) return found;
+      }
+      return null;
+    }
+    return walk(root, name);
+  }
   function encodeFailure(e, v, name) {
+    if (S.oom(e)) return ['M', '{}'];  // the conversion ran out of memory: the run did
     const msg = safeGet(e, 'message');
     if (Unserializable.is(e) || (isA(e, K.TypeErr) && typeof msg === 'string' && test(/circular/, msg))) {
       return ['S', JS({ message: clip(describePath(v, name), S.lim.error) })];
@@ -180,7 +215,7 @@
     switch (o[T]) {
       case 'u': return undefined;
       case 'num': return o.v === 'NaN' ? NaN : o.v === 'Infinity' ? 1 / 0 : -1 / 0;
-      case 'big': return K.big(o.v);
+      case 'big': return typeof o.v === 'string' && o.v[0] === '-' ? -K.big(str(o.v, 'slice', [1])) : K.big(o.v);
       case 'date': return new D(o.v);
       case 'bytes': return K.fromB64(o.v);
       case 'obj': {
@@ -257,7 +292,7 @@
       how === 'bare' ? 'high' : 'medium');
     if (how !== 'bare') return undefined;
     const e = new S.RefErr(k + ' is not defined');
-    S.trapped[S.trapped.length] = e;
+    S.put(S.trapped, e);
     throw e;
   }
   let weakApi = null;
@@ -299,5 +334,5 @@
     return weakApi;
   }
   const op = (name, a) => (name === 'validate' ? validate(S.JP(a)) : '');
-  return { op, validate, probe, weak, rep, kind, encodeFailure, tooLarge, fmt, failed, failure, revive, describe: describePath };
+  return { op, validate, probe, weak, badDate, rep, kind, encodeFailure, tooLarge, fmt, failed, failure, revive, describe: describePath };
 })

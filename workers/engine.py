@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -23,6 +24,8 @@ from importlib import resources
 from typing import Any
 
 import _quickjs
+
+log = logging.getLogger("isobox")
 
 __all__ = ["Engine", "EngineIO", "RunOutcome", "RunSpec", "Stream"]
 
@@ -210,6 +213,8 @@ class _Drive:
         result = self.jc.fn(op, arg)
         if not isinstance(result, str):
             raise _quickjs.JSException("prelude returned a non-string")
+        if result == _OOM and op != "finish":  # `finish` reports it itself; others cannot
+            raise _quickjs.JSException("InternalError: out of memory")
         return result
 
     def drain(self) -> None:
@@ -329,6 +334,7 @@ class _Drive:
                 return text
             if not self.step():
                 return self.call("finish")
+_OOM = "M2:[]{}"  # the prelude's answer when it ran out of memory
 _NEVER = ('E2:[]{"name":"Error","message":"the script\'s promise never settled and nothing '
           'is left to run","stack":""}')
 MAX_SESSIONS = 256  # per engine (per worker): a backstop behind the supervisor's own limits
@@ -457,8 +463,9 @@ class Engine:
         except _WallExpired:
             outcome = RunOutcome("W", "{}", _take_console(drive))
         except Exception as exc:  # the binding failed to convert something: never crash the worker
+            log.debug("isobox engine failure", exc_info=exc)
             record = {"name": "InternalError", "stack": "",
-                      "message": f"the engine failed: {type(exc).__name__}: {exc}"[:500]}
+                      "message": "the engine failed to report the outcome of this run"}
             outcome = RunOutcome("E", json.dumps(record), retire=True)
         drive.budget.pause()
         outcome.cpu_time = drive.budget.used()

@@ -67,15 +67,18 @@
     return e;
   }
   function encArgs(name, a) {
-    try { return hot.enc(a); } catch (e) {
-      const path = C().describe(a, 'arguments');
-      throw trim(new TypeErr('host function ' + name + ': ' + path + ', which cannot be passed to the host'), 2);
-    }
+    let t, path = null;
+    try { t = hot.enc(a); } catch (e) { path = C().describe(a, 'arguments'); }
+    // A Date the host cannot hold (Invalid, or outside years 1-9999) is caught here too, so
+    // the error names the argument.
+    if (path === null && ap(indexOf, t, ['"date"']) >= 0) path = C().badDate(a, 'arguments');
+    if (path !== null) throw trim(new TypeErr('host function ' + name + ': ' + path + ', which cannot be passed to the host'), 2);
+    return t;
   }
   function reply(name, r) {
     // r: 'j' + JSON, 't' + tagged JSON, or 'e' + JSON {message}
     const k = r[0], body = ap(slice, r, [1]);
-    if (k === 'e') { const e = trim(new Err(JP(body).message), 2); return { ok: false, e }; }
+    if (k === 'e') { const o = JP(body); const e = trim(new (o.name === 'TypeError' ? TypeErr : Err)(o.message), 2); return { ok: false, e }; }
     const v = JP(body);
     return { ok: true, v: k === 't' ? C().revive(v) : v };
   }

@@ -16,7 +16,16 @@
   const L = () => S.loop || (S.loop = ev(S.loopSrc)(S, H));
   const MOD = () => S.mods || (S.mods = ev(S.modSrc)(S, H));
   const FS = () => S.memfs || (S.memfs = ev(S.fsSrc)(S));
-  S.violation = (type, details, severity) => { S.violations[S.violations.length] = { type, severity: severity || 'high', details }; };
+  // Violations are serialised when they happen, from primitives, and stored with
+  // defineProperty: no setter, toJSON or iterator the script planted on a prototype can hide one.
+  const okeys = Object.keys;
+  S.put = (arr, v) => dp(arr, arr.length, { value: v, writable: true, enumerable: true, configurable: true });
+  S.violation = (type, details, severity) => {
+    const ks = okeys(details);
+    let d = '';
+    for (let i = 0; i < ks.length; i++) d += (i ? ',' : '') + JS(ks[i]) + ':' + JS(details[ks[i]]);
+    S.put(S.violations, '{"type":' + JS(type) + ',"severity":' + JS(severity || 'high') + ',"details":{' + d + '}}');
+  };
   // Hardening, before any untrusted byte. The error path's intrinsics are frozen: a script cannot
   // redefine what the conversion of a thrown value reads (name, message, toString, constructor,
   // Symbol.toPrimitive). Each writable property becomes an accessor whose setter defines an own
@@ -53,7 +62,12 @@
       set: (v) => dp(G, k, { value: v, writable: true, configurable: true, enumerable: true }) });
   }
   // The sources that ran as user code, newest last (a session keeps its recent ones).
-  S.src = (t) => { const a = S.srcs; if (a.length >= 32) a.splice(0, 1); a[a.length] = t; return t; };
+  S.src = (t) => {
+    let a = S.srcs;
+    if (a.length >= 32) { const b = []; for (let i = 1; i < a.length; i++) S.put(b, a[i]); S.srcs = a = b; }
+    S.put(a, t);
+    return t;
+  };
   // QuickJS throws InternalError("out of memory"), or null when it cannot even allocate that;
   // caught here, before any library would have to be parsed in an exhausted heap.
   // No instanceof on thrown values: a Proxy trap or Symbol.hasInstance would run user code here.
@@ -79,8 +93,10 @@
   // no thrown value ever reaches the binding, which would convert it outside the time limit.
   const FAIL = 'E2:[]{"name":"IsoBoxInternal","message":"the sandbox could not report the outcome of this run (hostile values or replaced built-ins)","stack":""}';
   // Concatenations are ropes, which the binding cannot hand to Python: flatten long answers.
+  // Out of memory (say, while parsing a library on first use) is the one failure the engine
+  // must tell apart: it answers any call with the memory-limit outcome.
   return function isobox(op, a) {
-    try { return dispatch(op, a); } catch (_) { return FAIL; }
+    try { return dispatch(op, a); } catch (e) { return oom(e) ? 'M2:[]{}' : FAIL; }
   };
   function finish() {
     // Not ready while timers or host calls may still settle it: the engine drives the loop.
@@ -134,13 +150,20 @@
         const t = finish();
         return S.violations.length === 0 || t === 'L' ? t : ap(slice, '!' + t, [0]);
       }
+      // Polled while promise jobs run: no library is parsed for it (that could be the
+      // allocation that fails in an exhausted heap), and without hot.js nothing was logged.
+      case 'console': return S.hot === null ? '[]' : ap(slice, S.hot.takeCon(), [0]);
       case 'hot': S.hotSrc = a; return 'ok';
       case 'cold': S.coldSrc = a; return 'ok';
       case 'loop': S.loopSrc = a; return 'ok';
       case 'mods': S.modSrc = a; if (a !== '' && S.st === null) MOD(); return 'ok';
       case 'memfs': S.fsSrc = a; return 'ok';
       case 'fsdump': return S.memfs === null ? '{}' : ap(slice, S.memfs.dump(), [0]);
-      case 'violations': return S.violations.length ? ap(slice, JS(S.violations), [0]) : '[]';
+      case 'violations': {
+        let out = '';
+        for (let i = 0; i < S.violations.length; i++) out += (i ? ',' : '') + S.violations[i];
+        return ap(slice, '[' + out + ']', [0]);
+      }
       default: return ap(slice, op[0] === '.' ? L().op(op, a) : H().op(op, a), [0]);
     }
   }

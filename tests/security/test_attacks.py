@@ -10,8 +10,10 @@ Each table row states its expectation in a comment; each test its docstring. Bom
 is CPU time of a process that pytest shares and no watchdog exists). The process box is the main
 target; the pure in-context attacks also run in ``mode="inprocess"``, which must give the same
 results and errors (native loops that never poll the interrupt are process-only: in-process
-they would hang the caller, as documented). Attacks that found a real bug keep the correct
-expectation and are marked ``xfail(strict=True)`` with the reason.
+they would hang the caller, as documented). Seven bugs this suite found (deep nesting, lone
+surrogates over the wire, out-of-memory outside the main script, hidden violations, BigInts
+past 4,300 digits, Invalid Date arguments, paths inside Maps and Sets) are fixed; their
+attacks stay here as regression tests.
 """
 
 from __future__ import annotations
@@ -606,10 +608,6 @@ OOM_MISREPORTED = [
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason="BUG: an out-of-memory while draining promise jobs or "
-                   "converting the result is a ScriptError (InternalError 'the engine failed: "
-                   "JSONDecodeError ...' or 'while converting the result: out of memory/null'), "
-                   "not MemoryLimitError")
 @pytest.mark.parametrize("code", OOM_MISREPORTED)
 def test_out_of_memory_outside_the_main_script_is_a_memory_limit_error(box: IsoBox,
                                                                       code: str) -> None:
@@ -873,9 +871,6 @@ def test_unserializable_results_name_their_path(anybox: IsoBox, code: str, path:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason="BUG: a function or symbol inside a Map or Set is a "
-                   "SerializationError with path 'result' ('result cannot be serialized') "
-                   "instead of naming the place")
 @pytest.mark.parametrize(("code", "path"), [
     pytest.param("({a: new Map([['k', () => 1]])})", "result.a.k", id="function-in-map"),
     pytest.param("new Set([1, Symbol()])", "result[1]", id="symbol-in-set"),
@@ -919,9 +914,6 @@ DEEP_CROSSINGS = [
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason="BUG: values nested past ~1,000 levels raise an untyped "
-                   "RecursionError from Python's json (encoding a sandbox value or a host "
-                   "result, decoding a JS result or a host argument) out of box.run")
 @pytest.mark.parametrize(("direction", "depth"), DEEP_CROSSINGS)
 def test_deeply_nested_values_cross_or_are_typed(box: IsoBox, direction: str, depth: int) -> None:
     """A deeply nested value at any crossing gives the value, a SerializationError (results,
@@ -985,10 +977,6 @@ BIGINT_CROSSINGS = [
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason="BUG: BigInts/ints past 4,300 digits hit CPython's "
-                   "int-to-str limit: SerializationError 'malformed big value ... "
-                   "sys.set_int_max_str_digits()', an untyped ValueError for sandbox input, "
-                   "an uncatchable run failure for a host argument")
 @pytest.mark.parametrize("direction", BIGINT_CROSSINGS)
 def test_huge_bigints_cross(box: IsoBox, direction: str) -> None:
     """A 5,001-digit integer crosses the boundary like any other BigInt."""
@@ -1049,11 +1037,7 @@ def test_nul_in_console_output(anybox: IsoBox) -> None:
     assert_serves(anybox)
 
 
-SURROGATE_BUG = pytest.mark.xfail(strict=True, reason="BUG: in process mode a lone surrogate "
-                                  "in console output or in a MemFS file kills the worker "
-                                  "(WorkerCrashedError, exit code 1); in the source it raises "
-                                  "an untyped UnicodeEncodeError from msgpack")
-BY_MODE = [pytest.param("process", marks=SURROGATE_BUG), pytest.param("inprocess")]
+BY_MODE = ["process", "inprocess"]
 
 
 @pytest.mark.timeout(30)
@@ -1252,9 +1236,6 @@ def test_node_modules_links_to_host_files_are_not_followed(
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason="BUG: an Array.prototype index setter planted by the "
-                   "script swallows the prelude's `violations[n] = ...` push, so a denied "
-                   "require emits no security:violation event")
 def test_denied_require_cannot_hide_its_security_event(box: IsoBox) -> None:
     """The security:violation event of a denied require still fires when the script first
     plants an Array.prototype setter for index 0 (a control run shows the event arrives)."""
@@ -1428,9 +1409,6 @@ def test_host_function_argument_with_looping_getter_times_out(box: IsoBox) -> No
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason="BUG: an Invalid Date (or out-of-range Date) argument "
-                   "fails the whole run with an uncatchable SerializationError(path='result') "
-                   "instead of a catchable TypeError naming the argument")
 @pytest.mark.parametrize("arg", ["new Date(NaN)", "new Date(8.64e15)"])
 def test_unconvertible_date_argument_is_catchable(box: IsoBox, arg: str) -> None:
     """README: anything unconvertible as an argument throws a TypeError in JS naming it."""
