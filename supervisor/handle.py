@@ -28,6 +28,9 @@ class ChannelClosed(Exception):
     """The worker's end of the channel is gone (it exited or was killed)."""
 
 
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
 class WorkerHandle:
     """Supervisor-side state of one worker process."""
 
@@ -49,11 +52,24 @@ class WorkerHandle:
         self.sessions: set[str] = set()  # sessions whose live context this worker holds
         self.drops: deque[str] = deque()  # sessions to free with the next request
         self.confinement: list[str] = []  # the confinement layers the worker applied
+        # The worker's CPU seconds when it last replied (None: unknown, as after a stream):
+        # the baseline of the next run's CPU watchdog.
+        self.cpu_mark: float | None = None
+        self.run_cpu_base: float | None = None  # the current run's baseline
         self._frames: deque[Frame] = deque()
         self._buf = bytearray(_RECV)
         self._pollers: dict[int, select.poll] = {}
         self._view = memoryview(self._buf)
         self._closed = False
+
+    def cpu_seconds(self) -> float | None:
+        """The worker's CPU time so far (user + system), from /proc; None if it is gone."""
+        try:
+            with open(f"/proc/{self.pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime (fields 14, 15)
 
     def fileno(self) -> int:
         """The channel's fd (for the maintainer's liveness poll)."""

@@ -388,7 +388,8 @@ class Pool:
         to a session's worker. Host-function calls are answered by ``host`` on this thread.
         """
         handle, rid = self.send_request(body, deadline=deadline, kill_at=kill_at, want=want)
-        reply = self._await_reply(handle, rid, kill_at, on_output, host)
+        watch = CpuWatch.of(handle, body)
+        reply = self._await_reply(handle, rid, kill_at, on_output, host, watch=watch)
         return self._finish(handle, reply), handle
 
     def holds(self, handle: WorkerHandle) -> bool:
@@ -408,6 +409,8 @@ class Pool:
         for attempt in (1, 2):
             handle = self.acquire(deadline, want)
             frame = self.request_frame(rid, handle, body)
+            handle.run_cpu_base, handle.cpu_mark = (handle.cpu_mark if what == "run" else None,
+                                                    None)
             try:
                 handle.send(frame, kill_at)
             except BaseException as exc:
@@ -429,6 +432,8 @@ class Pool:
         for attempt in (1, 2):
             handle = await self.acquire_async(deadline, want)
             frame = self.request_frame(rid, handle, body)
+            handle.run_cpu_base, handle.cpu_mark = (handle.cpu_mark if what == "run" else None,
+                                                    None)
             try:
                 async with asyncio.timeout_at(_loop_time(kill_at)):
                     await handle.asend(frame)
@@ -498,12 +503,17 @@ class Pool:
                 self._ready.wait(min(left, 0.05))
 
     def _await_reply(self, handle: WorkerHandle, rid: int, kill_at: float,
-                     on_output: OnOutput | None, host: HostCaller | None) -> dict[str, Any]:
+                     on_output: OnOutput | None, host: HostCaller | None, *,
+                     watch: CpuWatch | None = None) -> dict[str, Any]:
         try:
             while True:
-                frame = handle.recv(kill_at)
+                frame = handle.recv(kill_at if watch is None else min(kill_at, watch.check_at))
                 if frame is None:
-                    raise self._wall_timeout(handle)
+                    if watch is None or time.monotonic() >= kill_at:
+                        raise self._wall_timeout(handle)
+                    if watch.exceeded():
+                        raise self._cpu_timeout(handle, watch.limit)
+                    continue
                 if frame.type is MsgType.CALL:
                     answer = answer_call(frame, rid, caller(host, kill_at))
                     handle.send(answer, kill_at)
@@ -511,12 +521,12 @@ class Pool:
                 reply = read_reply(frame, rid, on_output)
                 if reply is not None:
                     return reply
+        except (TimeoutError, WorkerCrashedError):  # ours (a builtins.TimeoutError too)
+            raise
         except builtins.TimeoutError:
             raise self._wall_timeout(handle) from None
         except (ChannelClosed, ProtocolError) as exc:
             raise self._lost(handle, exc) from None
-        except (TimeoutError, WorkerCrashedError):
-            raise
         except BaseException:
             self._kill_and_drop(handle, "the run was interrupted")
             raise
@@ -527,13 +537,16 @@ class Pool:
         """The asyncio twin of :meth:`run`; cancelling it kills the worker it ran on."""
         handle, rid = await self.asend_request(body, deadline=deadline, kill_at=kill_at,
                                                want=want)
-        reply = await self._await_reply_async(handle, rid, kill_at, on_output, host)
+        watch = CpuWatch.of(handle, body)
+        reply = await self._await_reply_async(handle, rid, kill_at, on_output, host,
+                                              watch=watch)
         return self._finish(handle, reply), handle
 
     async def _await_reply_async(self, handle: WorkerHandle, rid: int, kill_at: float,
-                                 on_output: OnOutput | None,
-                                 host: HostCaller | None) -> dict[str, Any]:
+                                 on_output: OnOutput | None, host: HostCaller | None, *,
+                                 watch: CpuWatch | None = None) -> dict[str, Any]:
         calls = AsyncCalls(handle, rid, host)
+        watcher = asyncio.ensure_future(watch.kill_when_exceeded()) if watch else None
         try:
             async with asyncio.timeout_at(_loop_time(kill_at)):
                 while True:
@@ -547,11 +560,15 @@ class Pool:
         except builtins.TimeoutError:
             raise self._wall_timeout(handle) from None
         except (ChannelClosed, ProtocolError) as exc:
+            if watch is not None and watch.killed:
+                raise self._cpu_timeout(handle, watch.limit) from None
             raise self._lost(handle, exc) from None
         except BaseException:
             self._kill_and_drop(handle, "the run was cancelled")
             raise
         finally:
+            if watcher is not None:
+                watcher.cancel()
             await calls.close()
 
     def _lost(self, handle: WorkerHandle, exc: ChannelClosed | ProtocolError) -> IsoBoxError:
@@ -569,11 +586,23 @@ class Pool:
         error.worker_pid = handle.pid
         return error
 
+    def _cpu_timeout(self, handle: WorkerHandle, limit: float) -> TimeoutError:
+        """The CPU watchdog's verdict: a run whose worker spent its CPU budget (plus grace)
+        without the engine noticing (native calls between interrupt polls) is killed."""
+        handle.kill("killed by the watchdog past the run's CPU budget")
+        handle.origin.exit_status(handle.pid, 1.0)
+        self.discard(handle, "cpu timeout", expected=True)
+        error = TimeoutError(f"the run exceeded its CPU budget of {limit}s", kind="cpu",
+                             limit=limit)
+        error.worker_pid = handle.pid
+        return error
+
     def _kill_and_drop(self, handle: WorkerHandle, reason: str) -> None:
         handle.kill(reason)
         self.discard(handle, reason, expected=True)
 
     def _finish(self, handle: WorkerHandle, reply: dict[str, Any]) -> dict[str, Any]:
+        handle.cpu_mark = _cpu_figure(reply.get("cpu_total"))
         if reply.get("retire"):
             self.discard(handle, f"retired after outcome {reply.get('kind')}", expected=True)
         else:
@@ -667,6 +696,7 @@ class Pool:
                           "confinement='best-effort' to run without the missing layers)",
                           handle.pid, refused)
                 raise IsoBoxError("worker refused to start unconfined")
+            handle.cpu_mark = _cpu_figure(frame.body.get("cpu"))
             report = frame.body.get("confinement")
             if isinstance(report, dict):
                 handle.confinement = [str(x) for x in report.get("applied", [])]
@@ -745,6 +775,53 @@ def _request_frame(rid: int, body: dict[str, Any]) -> bytes:
     except ProtocolError as exc:
         raise SerializationError(f"the request does not fit the channel: {exc}",
                                  path="code") from None
+
+
+CPU_GRACE = 0.25  # seconds of worker CPU past a run's budget before the watchdog steps in
+CPU_POLL = 0.1  # how often it looks once the budget could have been spent
+
+
+def _cpu_figure(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and value >= 0 else None
+
+
+class CpuWatch:
+    """The CPU half of the watchdog. QuickJS polls its interrupt only every so many branches,
+    so a loop around slow native calls can overrun the engine's CPU limit by seconds; the
+    supervisor reads the worker's CPU time from /proc once the budget could have been spent
+    (CPU never runs ahead of wall time) and kills it past the budget plus a grace."""
+
+    __slots__ = ("base", "check_at", "handle", "killed", "limit")
+
+    def __init__(self, handle: WorkerHandle, base: float, limit: float) -> None:
+        self.handle, self.base, self.limit = handle, base, limit
+        self.check_at = time.monotonic() + limit + CPU_GRACE
+        self.killed = False
+
+    @classmethod
+    def of(cls, handle: WorkerHandle, body: dict[str, Any]) -> CpuWatch | None:
+        """A watch for a run whose baseline is known (not after a stream), else None."""
+        limit, base = body.get("cpu_timeout"), getattr(handle, "run_cpu_base", None)
+        if base is None or not isinstance(limit, int | float) or limit <= 0:
+            return None
+        return cls(handle, base, float(limit))
+
+    def exceeded(self) -> bool:
+        """Whether the worker spent more than the budget; else schedules the next look."""
+        used = self.handle.cpu_seconds()
+        if used is not None and used - self.base > self.limit + CPU_GRACE:
+            return True
+        self.check_at = time.monotonic() + CPU_POLL
+        return False
+
+    async def kill_when_exceeded(self) -> None:
+        """The asyncio form: kill the worker (the reader then sees its channel close)."""
+        while True:
+            await asyncio.sleep(max(0.0, self.check_at - time.monotonic()))
+            if self.exceeded():
+                self.killed = True
+                self.handle.kill("killed by the watchdog past the run's CPU budget")
+                return
 
 
 def read_reply(frame: Frame, request_id: int, on_output: OnOutput | None) -> dict[str, Any] | None:

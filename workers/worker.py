@@ -43,6 +43,7 @@ class _ChannelGone(Exception):
 def reply_body(outcome: RunOutcome) -> dict[str, Any]:
     """The RESULT body of an outcome (also what in-process mode hands the API)."""
     body: dict[str, Any] = {
+        "cpu_total": time.process_time(),  # the worker's CPU so far: the next run's baseline
         "kind": outcome.kind,
         "payload": outcome.payload,
         "console": outcome.console,
@@ -210,7 +211,7 @@ def _handle(chan: Channel, engine: Engine, body: dict[str, Any]) -> RunOutcome:
 def serve(sock: socket.socket, engine: Engine, confinement: dict[str, Any] | None = None) -> int:
     """Answer frames until EOF or SHUTDOWN; returns the process exit code."""
     chan = Channel(sock)
-    sock.sendall(encode_frame(MsgType.READY, 0, {"pid": os.getpid(),
+    sock.sendall(encode_frame(MsgType.READY, 0, {"pid": os.getpid(), "cpu": time.process_time(),
                                                  "confinement": confinement or {}}))
     try:
         while True:

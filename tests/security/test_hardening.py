@@ -4,14 +4,16 @@ input validation. Every check runs on real worker processes and in process."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 import isobox
-from isobox import IsoBox
+from isobox import AsyncIsoBox, IsoBox
 from isobox.host import sanitize
 
 
@@ -298,3 +300,62 @@ def test_source_above_the_cap_is_refused_with_its_size() -> None:
         assert info.value.path == "code"
         assert "source of 1200 characters exceeds the cap of 1000" in str(info.value)
         assert small.run("1 + 2") == 3
+
+
+# -- the CPU watchdog ----------------------------------------------------------------------
+
+# Each turn costs ~4 ms of native work and polls the interrupt once: QuickJS looks at its
+# CPU limit only every 10,000 polls, so the engine alone would notice seconds late.
+COSTLY_TURNS = "let n = 0; for (;;) { n += JSON.stringify(new Array(20000).fill(1.5)).length }"
+
+
+@pytest.fixture(scope="module")
+def pbox() -> Iterator[IsoBox]:
+    with IsoBox(timeout=20.0, cpu_timeout=0.5, pool={"min": 1, "max": 1},
+                typescript="lazy") as b:
+        yield b
+
+
+@pytest.mark.timeout(60)
+def test_cpu_watchdog_ends_loops_the_engine_polls_too_rarely(pbox: IsoBox) -> None:
+    started = time.monotonic()
+    with pytest.raises(isobox.TimeoutError) as info:
+        pbox.run(COSTLY_TURNS)
+    assert (info.value.kind, info.value.limit) == ("cpu", 0.5)
+    assert time.monotonic() - started < 2.5  # the engine alone: ~40 s; the wall timeout: 20 s
+    assert pbox.run("1 + 2") == 3
+
+
+@pytest.mark.timeout(60)
+def test_cpu_watchdog_async_twin() -> None:
+    async def main() -> tuple[str, float]:
+        async with AsyncIsoBox(timeout=20.0, cpu_timeout=0.5, pool={"min": 1, "max": 1},
+                               typescript="lazy") as box:
+            started = time.monotonic()
+            try:
+                await box.run(COSTLY_TURNS)
+            except isobox.TimeoutError as exc:
+                assert await box.run("1 + 2") == 3
+                return exc.kind, time.monotonic() - started
+            raise AssertionError("no timeout")
+
+    kind, took = asyncio.run(main())
+    assert kind == "cpu" and took < 2.5
+
+
+@pytest.mark.timeout(60)
+def test_cpu_watchdog_does_not_count_waiting(pbox: IsoBox) -> None:
+    """A run that waits (a timer, a slow host function) longer than its CPU budget is fine:
+    only CPU the worker spends counts."""
+    assert pbox.run("await new Promise(r => setTimeout(() => r(7), 1200))") == 7
+    assert pbox.run("slow()", functions={"slow": lambda: time.sleep(1.2) or 8}) == 8
+
+
+@pytest.mark.timeout(60)
+def test_cpu_watchdog_after_a_stream_falls_back_to_the_engine(pbox: IsoBox) -> None:
+    """After a stream the worker's CPU baseline is unknown: the next run is not watched by
+    /proc (never killed early) and the engine's own limit still ends a plain loop."""
+    assert list(pbox.run_stream("for (let i = 0; i < 3; i++) yield i")) == [0, 1, 2]
+    with pytest.raises(isobox.TimeoutError) as info:
+        pbox.run("for (;;) {}")
+    assert info.value.kind == "cpu"
