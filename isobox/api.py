@@ -314,7 +314,16 @@ class _BoxCore:
             self._record(duration, cpu_time, memory, error, pid)
             raise error
         type_name, _, text = str(reply.get("payload", "")).partition("\n")
-        value = values.decode(text)
+        try:
+            value = values.decode(text)
+        except ValueError:  # not JSON: only a broken or subverted worker sends that
+            if self._pool is not None:
+                self._pool.condemn(pid, "it sent a result that is not JSON")
+            crash = WorkerCrashedError("the worker sent a malformed result and was killed",
+                                       pid=pid, signal=9, cause="bad frame")
+            crash.worker_pid = pid
+            self._record(duration, cpu_time, memory, crash, pid)
+            raise crash from None
         self._record(duration, cpu_time, memory, None, pid)
         return ExecutionResult(value=value, duration=duration, cpu_time=cpu_time, memory=memory,
                                type=type_name, console=list(streamed), worker_pid=pid,
@@ -781,7 +790,7 @@ class IsoBox(_BoxCore):
                 raise _placement_failed()
             quarter, taken = max(1, window // 4), 0
             while (batch := stream.next_batch()) is not None:
-                for value in values.decode(batch[0]):
+                for value in batch[0]:
                     yield value
                     taken += 1
                     if taken >= quarter:  # credit goes back in quarter windows, not per value
@@ -1012,7 +1021,7 @@ class AsyncIsoBox(_BoxCore):
                                              idle_timeout=idle_timeout)
             quarter, taken = max(1, window // 4), 0
             while (batch := await stream.anext_batch()) is not None:
-                for value in values.decode(batch[0]):
+                for value in batch[0]:
                     yield value
                     taken += 1
                     if taken >= quarter:

@@ -203,6 +203,9 @@ def files_from_wire(files: object) -> dict[str, bytes]:
         if not (isinstance(entry, list | tuple) and len(entry) == 2 and isinstance(entry[1], str)):
             continue
         kind, data = entry
-        out[str(path)] = (base64.b64decode(data) if kind == "b"
-                          else data.encode("utf-8", "surrogatepass"))
+        try:
+            out[str(path)] = (base64.b64decode(data) if kind == "b"
+                              else data.encode("utf-8", "surrogatepass"))
+        except ValueError:  # not base64: a worker that speaks garbage loses the file
+            continue
     return out

@@ -69,7 +69,10 @@ def _encode(value: Any, what: str, limit: int | None) -> tuple[str, bool]:
     except (ValueError, TypeError):
         text = None
     tagged = True
-    if text is not None and _TAG not in text and _SIXTEEN_DIGITS not in text.translate(_DIGITS):
+    if text is not None and (_TAG in text or _SIXTEEN_DIGITS in text.translate(_DIGITS)
+                             or _bad_key(value)):
+        text = None  # the slow path tags the specials, or names the bad key
+    if text is not None:
         tagged = False
     else:
         prepared = _prepare(value, what, set())
@@ -80,6 +83,26 @@ def _encode(value: Any, what: str, limit: int | None) -> tuple[str, bool]:
             f"{what} of {len(text)} bytes exceeds the cap of {limit} bytes", path=what
         )
     return text, tagged
+
+
+_CONTAINERS = (dict, list, tuple)
+
+
+def _bad_key(value: Any) -> bool:
+    """Whether ``value`` holds a dict key json.dumps would turn into a string without a word
+    (int, float, bool, None: ``{1: 'a'}`` would come back as ``{'1': 'a'}``). Iterative, so
+    any depth json.dumps accepted is fine; lists of scalars are skipped at C speed."""
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, dict):
+            if not all(isinstance(key, str) for key in item):
+                return True
+            todo.extend(v for v in item.values() if isinstance(v, _CONTAINERS))
+        elif isinstance(item, list | tuple) and not {dict, list, tuple}.isdisjoint(
+                map(type, item)):
+            todo.extend(v for v in item if isinstance(v, _CONTAINERS))
+    return False
 
 
 def _prepare(value: Any, path: str, active: set[int]) -> Any:

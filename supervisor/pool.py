@@ -510,7 +510,7 @@ class Pool:
                 frame = handle.recv(kill_at if watch is None else min(kill_at, watch.check_at))
                 if frame is None:
                     if watch is None or time.monotonic() >= kill_at:
-                        raise self._wall_timeout(handle)
+                        raise self._wall_timeout(handle, watch)
                     if watch.exceeded():
                         raise self._cpu_timeout(handle, watch.limit)
                     continue
@@ -524,7 +524,7 @@ class Pool:
         except (TimeoutError, WorkerCrashedError):  # ours (a builtins.TimeoutError too)
             raise
         except builtins.TimeoutError:
-            raise self._wall_timeout(handle) from None
+            raise self._wall_timeout(handle, watch) from None
         except (ChannelClosed, ProtocolError) as exc:
             raise self._lost(handle, exc) from None
         except BaseException:
@@ -558,7 +558,7 @@ class Pool:
                     if reply is not None:
                         return reply
         except builtins.TimeoutError:
-            raise self._wall_timeout(handle) from None
+            raise self._wall_timeout(handle, watch) from None
         except (ChannelClosed, ProtocolError) as exc:
             if watch is not None and watch.killed:
                 raise self._cpu_timeout(handle, watch.limit) from None
@@ -578,7 +578,9 @@ class Pool:
             return self.crash_error(handle, "bad frame", unexpected=True)
         return self.crash_error(handle, "during the run")
 
-    def _wall_timeout(self, handle: WorkerHandle) -> TimeoutError:
+    def _wall_timeout(self, handle: WorkerHandle, watch: CpuWatch | None = None) -> TimeoutError:
+        if watch is not None and watch.over_budget():  # both limits passed: CPU is the cause
+            return self._cpu_timeout(handle, watch.limit)
         handle.kill("killed by the watchdog past the wall-clock deadline")
         handle.origin.exit_status(handle.pid, 1.0)
         self.discard(handle, "wall timeout", expected=True)
@@ -596,6 +598,15 @@ class Pool:
                              limit=limit)
         error.worker_pid = handle.pid
         return error
+
+    def condemn(self, pid: int | None, reason: str) -> None:
+        """Kill and drop the worker ``pid`` (if it is still ours): it sent what a real worker
+        never would, found only after its reply was accepted."""
+        with self._lock:
+            handle = self._handles.get(pid) if pid is not None else None
+        if handle is not None:
+            log.error("isobox worker %d: %s", handle.pid, reason)
+            self._kill_and_drop(handle, reason)
 
     def _kill_and_drop(self, handle: WorkerHandle, reason: str) -> None:
         handle.kill(reason)
@@ -814,6 +825,11 @@ class CpuWatch:
         self.check_at = time.monotonic() + CPU_POLL
         return False
 
+    def over_budget(self) -> bool:
+        """Whether the worker already spent the whole budget (asked at the wall deadline)."""
+        used = self.handle.cpu_seconds()
+        return used is not None and used - self.base > self.limit
+
     async def kill_when_exceeded(self) -> None:
         """The asyncio form: kill the worker (the reader then sees its channel close)."""
         while True:
@@ -834,12 +850,39 @@ def read_reply(frame: Frame, request_id: int, on_output: OnOutput | None) -> dic
             on_output(lines)
         return None
     if frame.type is MsgType.RESULT:
-        body = frame.body
-        if not isinstance(body.get("kind"), str) or not isinstance(body.get("payload", ""), str):
-            raise ProtocolError("malformed RESULT frame: kind and payload must be strings")
-        body["console"] = _console_lines(body.get("console", []), "RESULT")
-        return body
+        return _checked_result(frame.body)
     raise ProtocolError(f"unexpected {frame.type.name} frame during a run")
+
+
+_KINDS = frozenset("RECSMXTW")  # the outcomes a worker reports (README, "Errors")
+_RECORD_KINDS = frozenset("ECS")  # ... whose payload is a JSON error record
+
+
+def _checked_result(body: dict[str, Any]) -> dict[str, Any]:
+    """A RESULT body a worker sent, checked for what the API relies on: a known kind, string
+    payload, numeric figures, console pairs, and a JSON object as an error record. (A value's
+    JSON is checked when it is decoded.)"""
+    kind, payload = body.get("kind"), body.get("payload", "")
+    if not isinstance(kind, str) or kind not in _KINDS or not isinstance(payload, str):
+        raise ProtocolError(f"malformed RESULT frame: kind {kind!r}")
+    for key, types in (("cpu_time", (int, float)), ("memory", (int,)), ("cpu_total", (int, float))):
+        value = body.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise ProtocolError(f"malformed RESULT frame: {key}")
+    if not isinstance(body.get("files", {}), dict) or not isinstance(body.get("violations", []),
+                                                                     list):
+        raise ProtocolError("malformed RESULT frame: files or violations")
+    if kind in _RECORD_KINDS:
+        try:
+            record = json.loads(payload)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            raise ProtocolError("malformed RESULT frame: the error record is not an object")
+    elif kind == "R" and "\n" not in payload:
+        raise ProtocolError("malformed RESULT frame: a value without its type")
+    body["console"] = _console_lines(body.get("console", []), "RESULT")
+    return body
 
 
 def _console_lines(lines: Any, what: str) -> list[tuple[str, str]]:

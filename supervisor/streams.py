@@ -20,6 +20,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from isobox import values
 from isobox.errors import TimeoutError
 from isobox.protocol import Frame, MsgType, ProtocolError, encode_frame
 from isobox.supervisor.handle import ChannelClosed, WorkerHandle
@@ -54,7 +55,7 @@ class PoolStream:
         self.host = host
         self.window = window
         self.idle_timeout = idle_timeout
-        self.batches: deque[tuple[str, int]] = deque()
+        self.batches: deque[tuple[list[Any], int]] = deque()
         self.result: dict[str, Any] | None = None
         self.unacked = 0
         self.granted_total = 0  # credit returned to the worker beyond the first window
@@ -75,7 +76,13 @@ class PoolStream:
             self.received += count
             if self.received > self._granted():
                 raise ProtocolError("the worker sent values beyond its credit")
-            self.batches.append((items, count))
+            try:  # SerializationError (a value nested too deeply) is the script's, and passes
+                batch = values.decode(items, what=f"stream[{self.received - count}]")
+            except ValueError:
+                raise ProtocolError("ITEMS frame with malformed values") from None
+            if not isinstance(batch, list) or len(batch) != count:
+                raise ProtocolError("ITEMS frame whose values do not match its count")
+            self.batches.append((batch, count))
             return None
         if frame.type is MsgType.CALL:
             return frame
@@ -156,8 +163,8 @@ class PoolStream:
             self.pool._kill_and_drop(handle, reason)
 
     # -- sync ------------------------------------------------------------------------------
-    def next_batch(self) -> tuple[str, int] | None:
-        """The next batch of values (JSON array text, count); None once the stream ended."""
+    def next_batch(self) -> tuple[list[Any], int] | None:
+        """The next batch of values (decoded, and their count); None once the stream ended."""
         while not self.batches:
             handle = self.handle
             if self.result is not None or handle is None:
@@ -212,7 +219,7 @@ class PoolStream:
             self._ended(self.result)
 
     # -- async -----------------------------------------------------------------------------
-    async def anext_batch(self) -> tuple[str, int] | None:
+    async def anext_batch(self) -> tuple[list[Any], int] | None:
         """The asyncio twin of :meth:`next_batch`."""
         while not self.batches:
             handle = self.handle

@@ -263,13 +263,15 @@ def test_js_infinite_loop_is_a_cpu_timeout(box: IsoBox) -> None:
 
 
 @pytest.mark.timeout(30)
-def test_native_loop_ignoring_interrupt_is_a_wall_timeout(box: IsoBox) -> None:
-    """A native loop that never polls the interrupt is SIGKILLed: TimeoutError(kind="wall")."""
+def test_native_loop_ignoring_interrupt_is_killed_at_the_deadline(box: IsoBox) -> None:
+    """A native loop that never polls the interrupt is SIGKILLed at the wall deadline: a
+    TimeoutError whose kind says which budget it spent ("cpu" once the worker's CPU time
+    passed the budget, "wall" if a loaded machine gave it less)."""
     events = Recorder(box)
     error, _ = timed_error(lambda: box.run("[].reverse.call({length: 2**53-1})", timeout=2), 6.0)
     assert isinstance(error, BoxTimeoutError)
-    assert error.kind == "wall"
-    recycled = events.wait("worker:recycled", reason="wall timeout")
+    assert error.kind in ("cpu", "wall")
+    recycled = events.wait("worker:recycled", reason=f"{error.kind} timeout")
     assert wait_until(lambda: not alive(recycled["pid"]))
     assert wait_until(lambda: pool_full_without(box, recycled["pid"]))
     assert_serves(box)

@@ -535,8 +535,9 @@ def test_session_options_apply_to_every_run_and_a_run_may_override(box: IsoBox) 
 
 def test_wall_timeout_kills_the_worker_and_the_next_run_restores(
         make_box: Callable[..., IsoBox]) -> None:
-    """A native hang past the wall timeout gets the worker killed (TimeoutError kind "wall");
-    the next run lands on another worker with the checkpoint: values back, functions gone."""
+    """A native hang past the wall timeout gets the worker killed (TimeoutError kind "cpu"
+    when it spent its CPU budget, "wall" when a loaded machine gave it less); the next run
+    lands on another worker with the checkpoint: values back, functions gone."""
     box = make_box()
     s = box.create_session(new_id())
     s.run("counter = 7; let label = 'kept'; f = () => 1; 0")
@@ -544,7 +545,7 @@ def test_wall_timeout_kills_the_worker_and_the_next_run_restores(
     started = time.monotonic()
     with pytest.raises(BoxTimeoutError) as info:
         s.run(NATIVE_HANG, timeout=0.5)
-    assert info.value.kind == "wall"
+    assert info.value.kind in ("cpu", "wall")
     assert time.monotonic() - started < RECOVERY_BOUND
     assert wait_until(lambda: not alive(pid))
     assert s.run("[counter, label, typeof f]") == [7, "kept", "undefined"]
