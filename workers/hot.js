@@ -77,6 +77,12 @@
     failed: (e, code) => C().failed(e, code),
     op: (op, a) => (op === 'console' ? takeCon() : C().op(op, a)),
     probe: (k) => C().probe(k),
+    violation(type, details, severity) {
+      const ks = S.keys(details);
+      let d = '';
+      for (let i = 0; i < ks.length; i++) d += (i ? ',' : '') + JS(ks[i]) + ':' + JS(details[ks[i]]);
+      S.put(S.violations, '{"type":' + JS(type) + ',"severity":' + JS(severity || 'high') + ',"details":{' + d + '}}');
+    },
     weak: () => C().weak(),
   };
   return api;

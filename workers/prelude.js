@@ -16,33 +16,31 @@
   const L = () => S.loop || (S.loop = ev(S.loopSrc)(S, H));
   const MOD = () => S.mods || (S.mods = ev(S.modSrc)(S, H));
   const FS = () => S.memfs || (S.memfs = ev(S.fsSrc)(S));
-  // Violations are serialised when they happen, from primitives, and stored with
-  // defineProperty: no setter, toJSON or iterator the script planted on a prototype can hide one.
-  const okeys = Object.keys;
+  // Violations are serialised when they happen (hot.js), from primitives, and stored with
+  // defineProperty: no setter, toJSON or iterator the script planted can hide one.
+  S.keys = Object.keys;
   S.put = (arr, v) => dp(arr, arr.length, { value: v, writable: true, enumerable: true, configurable: true });
-  S.violation = (type, details, severity) => {
-    const ks = okeys(details);
-    let d = '';
-    for (let i = 0; i < ks.length; i++) d += (i ? ',' : '') + JS(ks[i]) + ':' + JS(details[ks[i]]);
-    S.put(S.violations, '{"type":' + JS(type) + ',"severity":' + JS(severity || 'high') + ',"details":{' + d + '}}');
-  };
-  // Hardening, before any untrusted byte. The error path's intrinsics are frozen: a script cannot
-  // redefine what the conversion of a thrown value reads (name, message, toString, constructor,
-  // Symbol.toPrimitive). Each writable property becomes an accessor whose setter defines an own
-  // property on the receiver, so `this.name = ...` in a subclass still works (the override mistake).
-  const E = Error, gopd = Object.getOwnPropertyDescriptor, TP = Symbol.toPrimitive;
+  S.violation = (type, details, severity) => H().violation(type, details, severity);
+  // Hardening, before any untrusted byte: the error path is frozen, so a script cannot redefine
+  // what the conversion of a thrown value reads. What scripts assign in the ordinary course
+  // (`this.name = ...` in a subclass, `Sub.prototype.toString = ...`) becomes an accessor
+  // whose setter defines an own property on the receiver (the override mistake): all of
+  // Error.prototype's, and `name` on the other error prototypes. (Each accessor costs a few
+  // microseconds in every context, so no more than that.)
+  const E = Error, EP = E.prototype, TP = Symbol.toPrimitive;
   S.Err = E; S.RefErr = ReferenceError; S.srcs = []; S.trapped = [];
   const tame = (o, k, v) => dp(o, k, { configurable: false, enumerable: false, get() { return v; },
     set(x) { if (this === o) throw new TypeError("Cannot assign to read only property '" + String(k) + "'"); dp(this, k, { value: x, writable: true, enumerable: true, configurable: true }); } });
-  const errs = [E, EvalError, RangeError, ReferenceError, SyntaxError, TypeError, URIError, InternalError, AggregateError];
+  tame(EP, 'name', EP.name); tame(EP, 'message', EP.message); tame(EP, 'toString', EP.toString);
+  tame(EP, 'constructor', E); tame(EP, TP, undefined);
+  const errs = [EvalError, RangeError, ReferenceError, SyntaxError, TypeError, URIError, InternalError, AggregateError];
   if (typeof SuppressedError === 'function') errs[errs.length] = SuppressedError;
-  for (const C of errs) {
-    const p = C.prototype;
-    for (const k of ['name', 'message', 'toString', 'constructor']) { const d = gopd(p, k); if (d !== undefined && 'value' in d) tame(p, k, d.value); }
-    if (C !== E) { Object.freeze(p); Object.freeze(C); }
+  for (let i = 0; i < errs.length; i++) {
+    const C = errs[i], p = C.prototype;
+    tame(p, 'name', p.name);
+    Object.freeze(p); Object.freeze(C);
   }
-  tame(E.prototype, TP, undefined);
-  Object.freeze(E.prototype);
+  Object.freeze(EP);
   // Error.prepareStackTrace would run script code inside every error the engine or the prelude
   // creates: it is pinned to undefined and assignments are ignored.
   dp(E, 'prepareStackTrace', { configurable: false, get() { return undefined; }, set(_) {} });
