@@ -11,11 +11,12 @@
   const IEP = InternalError.prototype, gp = Object.getPrototypeOf;
   const S = { st: null, unc: null, it: null, nx: null, mode: 'redirect', con: [], n: 0, over: false,
     lim: null, hotSrc: '', coldSrc: '', loopSrc: '', modSrc: '', fsSrc: '', hot: null, cold: null, loop: null, mods: null, memfs: null, fsModule: null,
-    violations: [], G, ev, JS, JP, ap, P, dp, gp };
+    violations: [], G, ev, JS, JP, ap, P, dp, gp, slice };
   const H = () => S.hot || (S.hot = ev(S.hotSrc)(S));
   const L = () => S.loop || (S.loop = ev(S.loopSrc)(S, H));
   const MOD = () => S.mods || (S.mods = ev(S.modSrc)(S, H));
   const FS = () => S.memfs || (S.memfs = ev(S.fsSrc)(S));
+  S.L = L; S.MOD = MOD; S.FS = FS;
   // Violations are serialised when they happen (hot.js), from primitives, and stored with
   // defineProperty: no setter, toJSON or iterator the script planted can hide one.
   S.keys = Object.keys;
@@ -43,29 +44,29 @@
   Object.freeze(EP);
   // Error.prepareStackTrace would run script code inside every error the engine or the prelude
   // creates: it is pinned to undefined and assignments are ignored.
-  dp(E, 'prepareStackTrace', { configurable: false, get() { return undefined; }, set(_) {} });
+  dp(E, 'prepareStackTrace', { configurable: false, get: undefined, set: Boolean });  // Boolean: a no-op
   dp(E, 'captureStackTrace', { writable: false, configurable: false });
+  // Globals built on first touch; a script may assign its own (then a plain property).
+  // Every line of code here is compiled in every context: one helper serves them all.
+  const lazy = (k, get) => dp(G, k, { configurable: true, get, set: (v) => dp(G, k, { value: v, writable: true, configurable: true, enumerable: true }) });
+  // The console (hot.js) and the timers (loop.js): runs that never use them never parse them.
+  let c = null;
+  lazy('console', () => c || (c = H().console()));
+  const T = ['setTimeout', 'setInterval', 'clearTimeout', 'clearInterval', 'queueMicrotask'];
+  for (let i = 0; i < 5; i++) lazy(T[i], () => L().api[T[i]]);
   // A WeakRef or a FinalizationRegistry makes garbage collection observable and runs callbacks
-  // at arbitrary points: both are replaced (hot.js) by versions the spec allows, a WeakRef that
+  // at arbitrary points: both are replaced (cold.js) by versions the spec allows, a WeakRef that
   // holds its target and a registry whose callbacks never run.
-  for (const k of ['WeakRef', 'FinalizationRegistry']) {
-    delete G[k];
-    dp(G, k, { configurable: true, get: () => H().weak()[k], set: (v) => dp(G, k, { value: v, writable: true, configurable: true }) });
-  }
+  delete G.WeakRef; delete G.FinalizationRegistry;
+  const W = ['WeakRef', 'FinalizationRegistry'];
+  for (let i = 0; i < 2; i++) lazy(W[i], () => H().weak()[W[i]]);
   // Node's globals, where the run does not provide them: reading one records a
   // security:violation and throws the ReferenceError the script expects (`typeof` still says
   // "undefined"; cold.js tells the two apart from the caller's position in the source).
-  for (const k of ['process', 'require', 'Buffer', 'global', 'module']) {
-    dp(G, k, { configurable: true, get: function isoboxProbe() { return H().probe(k); },
-      set: (v) => dp(G, k, { value: v, writable: true, configurable: true, enumerable: true }) });
-  }
+  const N = ['process', 'require', 'Buffer', 'global', 'module'];
+  for (let i = 0; i < 5; i++) lazy(N[i], function isoboxProbe() { return H().probe(N[i]); });
   // The sources that ran as user code, newest last (a session keeps its recent ones).
-  S.src = (t) => {
-    let a = S.srcs;
-    if (a.length >= 32) { const b = []; for (let i = 1; i < a.length; i++) S.put(b, a[i]); S.srcs = a = b; }
-    S.put(a, t);
-    return t;
-  };
+  S.src = (t) => (S.put(S.srcs, t), t);
   // QuickJS throws InternalError("out of memory"), or null when it cannot even allocate that;
   // caught here, before any library would have to be parsed in an exhausted heap.
   // No instanceof on thrown values: a Proxy trap or Symbol.hasInstance would run user code here.
@@ -74,14 +75,6 @@
     try { return typeof e === 'object' && gp(e) === IEP && e.message === 'out of memory'; } catch (_) { return false; }
   };
   S.oom = oom;
-  // The console is built by hot.js on first touch: runs that never log do not parse it.
-  let c = null;
-  dp(G, 'console', { configurable: true, get: () => c || (c = H().console()),
-    set: (v) => dp(G, 'console', { value: v, writable: true, configurable: true }) });
-  // Timers live in loop.js, parsed on first touch like the console.
-  for (const k of ['setTimeout', 'setInterval', 'clearTimeout', 'clearInterval', 'queueMicrotask']) {
-    dp(G, k, { configurable: true, get: () => L().api[k], set: (v) => dp(G, k, { value: v, writable: true, configurable: true }) });
-  }
   S.settle = function settle(v) {
     if (!(v instanceof P)) { S.st = { ok: true, value: v }; return 'D'; }
     ap(then, v, [(x) => { S.st = { ok: true, value: x }; }, (e) => { S.st = { ok: false, error: e }; }]);
@@ -118,18 +111,9 @@
         S.lim = cfg.limits; S.mode = cfg.console;
         S.st = null; S.unc = null; S.con = []; S.n = 0; S.over = false; S.violations = [];
         if (S.loop !== null) S.loop.reset();
-        if (cfg.globals !== null || cfg.env !== null) H().setup(cfg);
-        if (cfg.fns) L().bind(cfg.fns);
-        let entry = null;
-        if (cfg.fs) {
-          if (S.memfs === null) FS().init(cfg.fs);  // a session keeps its files between runs
-          dp(G, '$fs', { value: S.memfs.$fs, writable: true, configurable: true });
-          S.fsModule = () => S.memfs.fsModule;
-        }
-        if (cfg.project || cfg.require || cfg.files || cfg.fs) {
-          MOD().setup(cfg);
-          if (cfg.project) entry = MOD().entry(cfg.project); else MOD().globalRequire();
-        }
+        // Globals, env, host functions, MemFS, modules, a session's sources: hot.js.
+        const entry = cfg.globals !== null || cfg.env !== null || cfg.fns || cfg.fs || cfg.project
+          || cfg.require || cfg.files || S.srcs.length > 32 ? H().setup(cfg) : null;
         if (op === 'setup') return 'ok';
         let code = cfg.code;
         if (cfg.session) code = L().repl(code);
@@ -156,12 +140,6 @@
       case 'loop': S.loopSrc = a; return 'ok';
       case 'mods': S.modSrc = a; if (a !== '' && S.st === null) MOD(); return 'ok';
       case 'memfs': S.fsSrc = a; return 'ok';
-      case 'fsdump': return S.memfs === null ? '{}' : ap(slice, S.memfs.dump(), [0]);
-      case 'violations': {
-        let out = '';
-        for (let i = 0; i < S.violations.length; i++) out += (i ? ',' : '') + S.violations[i];
-        return ap(slice, '[' + out + ']', [0]);
-      }
       default: return ap(slice, op[0] === '.' ? L().op(op, a) : H().op(op, a), [0]);
     }
   }
