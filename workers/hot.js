@@ -50,28 +50,6 @@
     return h('R', kind(v) + '\n' + t);
   }
   function setup(cfg) {
-    // The parts of a run's setup that plain runs skip (prelude.js); returns the project's
-    // entry, if any.
-    if (S.srcs.length > 32) {  // a long session: keep its recent sources only
-      const b = [];
-      for (let i = S.srcs.length - 32; i < S.srcs.length; i++) S.put(b, S.srcs[i]);
-      S.srcs = b;
-    }
-    if (cfg.globals !== null || cfg.env !== null) globals(cfg);
-    if (cfg.fns) S.L().bind(cfg.fns);
-    let entry = null;
-    if (cfg.fs) {
-      if (S.memfs === null) S.FS().init(cfg.fs);  // a session keeps its files between runs
-      dp(G, '$fs', { value: S.memfs.$fs, writable: true, configurable: true });
-      S.fsModule = () => S.memfs.fsModule;
-    }
-    if (cfg.project || cfg.require || cfg.files || cfg.fs) {
-      S.MOD().setup(cfg);
-      if (cfg.project) entry = S.MOD().entry(cfg.project); else S.MOD().globalRequire();
-    }
-    return entry;
-  }
-  function globals(cfg) {
     if (cfg.globals !== null) {
       const g = cfg.tagged ? C().revive(cfg.globals) : cfg.globals;
       for (const k of keys(g)) dp(G, k, { value: g[k], writable: true, configurable: true, enumerable: true });

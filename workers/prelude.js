@@ -16,7 +16,7 @@
   const L = () => S.loop || (S.loop = ev(S.loopSrc)(S, H));
   const MOD = () => S.mods || (S.mods = ev(S.modSrc)(S, H));
   const FS = () => S.memfs || (S.memfs = ev(S.fsSrc)(S));
-  S.L = L; S.MOD = MOD; S.FS = FS;
+  S.H = H; S.L = L; S.MOD = MOD; S.FS = FS;
   // Violations are serialised when they happen (hot.js), from primitives, and stored with
   // defineProperty: no setter, toJSON or iterator the script planted can hide one.
   S.keys = Object.keys;
@@ -82,6 +82,32 @@
   };
   // If anything the user controls throws past the handlers below, the answer is this constant:
   // no thrown value ever reaches the binding, which would convert it outside the time limit.
+  // The setup of runs that bring more than code. A string until a run needs it: QuickJS
+  // compiles every function of the prelude in every context, but a string costs only its scan.
+  let rare = null;
+  const RARE = `(function (S) {
+    const { G, dp } = S;
+    return function setup(cfg) {
+      if (S.srcs.length > 32) {  // a long session keeps its recent sources only
+        const b = [];
+        for (let i = S.srcs.length - 32; i < S.srcs.length; i++) S.put(b, S.srcs[i]);
+        S.srcs = b;
+      }
+      if (cfg.globals !== null || cfg.env !== null) S.H().setup(cfg);
+      if (cfg.fns) S.L().bind(cfg.fns);
+      let entry = null;
+      if (cfg.fs) {
+        if (S.memfs === null) S.FS().init(cfg.fs);  // a session keeps its files between runs
+        dp(G, '$fs', { value: S.memfs.$fs, writable: true, configurable: true });
+        S.fsModule = () => S.memfs.fsModule;
+      }
+      if (cfg.project || cfg.require || cfg.files || cfg.fs) {
+        S.MOD().setup(cfg);
+        if (cfg.project) entry = S.MOD().entry(cfg.project); else S.MOD().globalRequire();
+      }
+      return entry;
+    };
+  })`;
   const FAIL = 'E2:[]{"name":"IsoBoxInternal","message":"the sandbox could not report the outcome of this run (hostile values or replaced built-ins)","stack":""}';
   // Concatenations are ropes, which the binding cannot hand to Python: flatten long answers.
   // Out of memory (say, while parsing a library on first use) is the one failure the engine
@@ -111,9 +137,10 @@
         S.lim = cfg.limits; S.mode = cfg.console;
         S.st = null; S.unc = null; S.con = []; S.n = 0; S.over = false; S.violations = [];
         if (S.loop !== null) S.loop.reset();
-        // Globals, env, host functions, MemFS, modules, a session's sources: hot.js.
+        // Globals, env, host functions, MemFS, modules, a session's sources: compiled from
+        // RARE on first need, so plain runs do not pay for it.
         const entry = cfg.globals !== null || cfg.env !== null || cfg.fns || cfg.fs || cfg.project
-          || cfg.require || cfg.files || S.srcs.length > 32 ? H().setup(cfg) : null;
+          || cfg.require || cfg.files || S.srcs.length > 32 ? (rare || (rare = ev(RARE)(S)))(cfg) : null;
         if (op === 'setup') return 'ok';
         let code = cfg.code;
         if (cfg.session) code = L().repl(code);
