@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from isobox.errors import (
     ClosedError,
     CompileError,
+    DaemonError,
     IsoBoxError,
     MemoryLimitError,
     ScriptError,
@@ -41,6 +42,7 @@ __all__ = [
     "ClosedError",
     "CodeValidation",
     "CompileError",
+    "DaemonError",
     "ExecutionMetrics",
     "ExecutionResult",
     "GlobalMetrics",

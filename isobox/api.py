@@ -33,6 +33,7 @@ from isobox import values
 from isobox.errors import (
     ClosedError,
     CompileError,
+    DaemonError,
     IsoBoxError,
     MemoryLimitError,
     ScriptError,
@@ -53,6 +54,7 @@ from isobox.projects import (
     normalize_files,
     virtual_path,
 )
+from isobox.remote import RemoteClient, parse_address
 from isobox.results import (
     CodeValidation,
     ExecutionMetrics,
@@ -74,6 +76,8 @@ __all__ = ["AsyncIsoBox", "IsoBox"]
 log = logging.getLogger("isobox")
 
 _MODES = ("process", "inprocess")
+_NOT_REMOTE = ("{what} are not available over a remote connection yet; use them in embedded "
+               "mode (IsoBox() without address=)")
 _SWEEP_EVERY = 0.1  # seconds between TTL sweeps while sessions exist
 _TRANSPILE_CACHE = 1024  # TypeScript snippets whose JS the box keeps
 
@@ -119,8 +123,18 @@ class _BoxCore:
                  options: dict[str, Any]) -> None:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        self._remote: RemoteClient | None = None
+        token = options.pop("token", None)
+        if address is None and token is not None:
+            raise TypeError("token= is for remote mode (address=...)")
         if address is not None:
-            raise IsoBoxError("remote mode (address=...) is not available yet")
+            if mode != "process":
+                raise ValueError("address= (remote mode) cannot be combined with mode="
+                                 f"{mode!r}")
+            if pool is not None:
+                raise ValueError("in remote mode the pool is the daemon's: configure it with "
+                                 "isobox-supervisor --workers")
+            parse_address(address)
         self._filesystem = filesystem_option(options.pop("filesystem", None))
         self._require = RequirePolicy.from_option(options.pop("require", None))
         confinement = options.pop("confinement", "strict")
@@ -155,7 +169,10 @@ class _BoxCore:
         self._closed = False
         self._pool: Pool | None = None
         self._engines = threading.local()
-        if mode == "process":
+        if address is not None:
+            self._remote = RemoteClient(address, token)
+            self._finalizer = weakref.finalize(self, self._remote.close)
+        elif mode == "process":
             self._pool = Pool(config, self._events.emit)
             self._pool.start()
             self._finalizer = weakref.finalize(self, self._pool.shutdown)
@@ -178,6 +195,14 @@ class _BoxCore:
         return self._metrics.history(limit)
 
     def _pool_stats(self) -> PoolStats:
+        if self._remote is not None:
+            found = self._remote.stats()
+            fields = {f.name for f in dataclasses.fields(WorkerStats)}
+            return PoolStats(workers=[WorkerStats(**{k: v for k, v in row.items() if k in fields})
+                                      for row in found.get("workers", [])],
+                             restarts=int(found.get("restarts", 0)),
+                             queued=int(found.get("queued", 0)),
+                             confinement_error=str(found.get("confinement_error", "")))
         if self._pool is None:
             return PoolStats(workers=[], restarts=0, queued=0)
         rows, queued = self._pool.snapshot()
@@ -435,6 +460,7 @@ class _BoxCore:
     # -- sessions (shared parts) -----------------------------------------------------------
     def _new_session(self, session_id: str, ttl: float | None,
                      options: dict[str, Any]) -> SessionState:
+        self._no_remote("sessions")
         if self._closed:
             raise ClosedError("the box was shut down")
         check_id(session_id)
@@ -575,6 +601,26 @@ class _BoxCore:
                      int(reply.get("memory", 0)), error, pid)
         return error
 
+    def _remote_send(self, request: RunRequest, host: HostFunctions,
+                     session: SessionState | None, *, sink: Any, started: float,
+                     streamed: list[tuple[str, str]]
+                     ) -> tuple[dict[str, Any], int | None, float, list[tuple[str, str]]]:
+        """One run through the daemon (remote mode): the same reply a local worker gives."""
+        if self._remote is None or session is not None:
+            raise DaemonError(_NOT_REMOTE.format(what="sessions"))
+        timeout = request.options.timeout
+        try:
+            reply, pid = self._remote.run(request.body, timeout=timeout + _grace(timeout) + 5.0,
+                                          on_output=sink, call=host.call if host else None)
+        except (TimeoutError, WorkerCrashedError) as exc:
+            self._failed(exc, started, timeout)
+            raise
+        return reply, pid, started, streamed
+
+    def _no_remote(self, what: str) -> None:
+        if self._remote is not None:
+            raise DaemonError(_NOT_REMOTE.format(what=what))
+
     def _end_all_sessions(self) -> None:
         with self._sessions_lock:
             states = list(self._sessions.values())
@@ -705,6 +751,9 @@ class IsoBox(_BoxCore):
         streamed: list[tuple[str, str]] = []
         sink = self._output_sink(request, streamed)
         generation = session.generation if session is not None else 0
+        if self._remote is not None:
+            return self._remote_send(request, host, session, sink=sink, started=started,
+                                     streamed=streamed)
         if self._pool is None:
             reply = self._inprocess_reply(request, sink, host, session, op)
             if session is not None:
@@ -735,6 +784,7 @@ class IsoBox(_BoxCore):
                    **options: Any) -> Generator[Any, None, None]:
         """Stream the values ``code`` yields (top-level ``yield``) or its iterable evaluates
         to; leaving the loop early stops the generator and frees the worker."""
+        self._no_remote("streams")
         return self._stream(code, options, window, idle_timeout, None)
 
     def _stream(self, code: str, options: dict[str, Any], window: int,
@@ -880,12 +930,18 @@ class IsoBox(_BoxCore):
 
     def warmup_pool(self, timeout: float = 30.0) -> int:
         """Block until the pool's ``min`` workers are ready; returns how many are."""
+        if self._remote is not None:
+            return len(self._pool_stats().workers)
         return self._pool.warmup(timeout) if self._pool else 0
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        """Stop every worker and the fork server; later runs raise :class:`ClosedError`."""
+        """Stop every worker and the fork server (remote mode: close the connection; the
+        daemon's workers stay); later runs raise :class:`ClosedError`."""
         self._closed = True
         self._end_all_sessions()
+        if self._remote is not None:
+            self._remote.close()
+            self._finalizer.detach()
         if self._pool is not None:
             self._pool.shutdown(timeout)
             self._finalizer.detach()
@@ -934,6 +990,9 @@ class AsyncIsoBox(_BoxCore):
         streamed: list[tuple[str, str]] = []
         sink = self._output_sink(request, streamed)
         generation = session.generation if session is not None else 0
+        if self._remote is not None:
+            return await asyncio.to_thread(self._remote_send, request, host, session,
+                                           sink=sink, started=started, streamed=streamed)
         if self._pool is None:
             reply = await asyncio.to_thread(self._inprocess_reply, request, sink, host,
                                             session, op)
@@ -966,6 +1025,7 @@ class AsyncIsoBox(_BoxCore):
                    **options: Any) -> AsyncGenerator[Any, None]:
         """Stream the values ``code`` yields (an async iterator); leaving the loop early,
         ``aclose()`` or cancelling the task stops the generator and frees the worker."""
+        self._no_remote("streams")
         return self._stream(code, options, window, idle_timeout, None)
 
     def _stream(self, code: str, options: dict[str, Any], window: int,
@@ -1133,13 +1193,19 @@ class AsyncIsoBox(_BoxCore):
 
     async def warmup_pool(self, timeout: float = 30.0) -> int:
         """Wait until the pool's ``min`` workers are ready; returns how many are."""
+        if self._remote is not None:
+            return len((await self.pool_stats()).workers)
         pool = self._pool
         return await asyncio.to_thread(pool.warmup, timeout) if pool else 0
 
     async def shutdown(self, timeout: float = 5.0) -> None:
-        """Stop every worker and the fork server; later runs raise :class:`ClosedError`."""
+        """Stop every worker and the fork server (remote mode: close the connection; the
+        daemon's workers stay); later runs raise :class:`ClosedError`."""
         self._closed = True
         self._end_all_sessions()
+        if self._remote is not None:
+            self._remote.close()
+            self._finalizer.detach()
         if self._pool is not None:
             await asyncio.to_thread(self._pool.shutdown, timeout)
             self._finalizer.detach()

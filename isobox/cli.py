@@ -23,7 +23,7 @@ from isobox.errors import (
     WorkerCrashedError,
 )
 
-__all__ = ["main", "supervisor_main"]
+__all__ = ["main"]
 
 EXIT_CODES: tuple[tuple[type[IsoBoxError], int], ...] = (
     (ScriptError, 1),
@@ -148,9 +148,39 @@ def run_command(  # noqa: PLR0917 - click passes one argument per option
     click.echo(_to_json(value))
 
 
-@click.command()
-def supervisor_main() -> None:
-    """The isobox-supervisor daemon (remote mode). Not available in this release."""
-    click.echo("isobox-supervisor: the daemon is not available in this release; "
-               "use IsoBox() in embedded mode", err=True)
-    sys.exit(2)
+@main.command("status")
+@click.option("--address", envvar="ISOBOX_ADDRESS", default=None,
+              help="The daemon: unix:///path or tcp://host:port (default: the default socket; "
+              "env ISOBOX_ADDRESS).")
+@click.option("--token-file", envvar="ISOBOX_TOKEN_FILE", default=None,
+              help="File holding the token (TCP; env ISOBOX_TOKEN_FILE).")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
+def status_command(address: str | None, token_file: str | None, as_json: bool) -> None:
+    """Print pool and worker figures from a running isobox-supervisor."""
+    from isobox.remote import RemoteClient  # noqa: PLC0415 - keep `isobox --help` light
+    from isobox.supervisor.daemon import default_socket_path  # noqa: PLC0415
+
+    token = Path(token_file).read_text(encoding="utf-8").strip() if token_file else None
+    try:
+        client = RemoteClient(address or f"unix://{default_socket_path()}", token)
+        try:
+            stats = client.stats()
+        finally:
+            client.close()
+    except (IsoBoxError, ValueError) as exc:
+        click.echo(f"isobox: {exc}", err=True)
+        sys.exit(7)
+    if as_json:
+        click.echo(json.dumps(stats))
+        return
+    click.echo(f"daemon {stats.get('pid')} at {stats.get('address')}: up "
+               f"{float(stats.get('uptime', 0)):.0f}s, {stats.get('runs')} runs, "
+               f"{stats.get('clients')} clients, {stats.get('queued')} queued, "
+               f"{stats.get('restarts')} restarts")
+    for row in stats.get("workers", []):
+        click.echo(f"  worker {row.get('pid')}: {row.get('state')}, {row.get('runs')} runs, "
+                   f"rss {int(row.get('rss', 0)) / 2**20:.1f} MiB, "
+                   f"uss {int(row.get('uss', 0)) / 2**20:.1f} MiB, "
+                   f"cpu {float(row.get('cpu_percent', 0)):.0f}%")
+    if stats.get("confinement_error"):
+        click.echo(f"  workers refuse to start: {stats['confinement_error']}")

@@ -11,7 +11,8 @@
     ├── SerializationError       a value cannot cross the boundary: .path
     ├── WorkerCrashedError       .pid .exitcode .signal .cause
     ├── SessionError             closed, expired or unknown session
-    └── ClosedError              the box was shut down
+    ├── ClosedError              the box was shut down
+    └── DaemonError              remote mode: the daemon refused us, is full, or the link dropped
 
 "Closed" (you shut it down) is a different error from "crashed" (the other side broke).
 Errors travel between processes as plain dicts (:func:`error_to_dict`, :func:`error_from_dict`);
@@ -27,6 +28,7 @@ from typing import Any
 __all__ = [
     "ClosedError",
     "CompileError",
+    "DaemonError",
     "IsoBoxError",
     "MemoryLimitError",
     "ScriptError",
@@ -129,6 +131,12 @@ class ClosedError(IsoBoxError):
     """The box was shut down; no further runs are accepted."""
 
 
+class DaemonError(IsoBoxError):
+    """Remote mode: the daemon refused the connection (a wrong token), its queue or the
+    client's share of it is full, or the connection dropped while a request was in flight
+    (the daemon then cancels that request's work)."""
+
+
 def describe_death(pid: int | None, exitcode: int | None, sig: int | None, cause: str) -> str:
     """One line naming pid, exit code or signal and the likely cause."""
     if sig is not None:
@@ -164,11 +172,21 @@ def error_to_dict(exc: IsoBoxError) -> dict[str, Any]:
         data.update(limit=exc.limit)
     elif isinstance(exc, SerializationError):
         data.update(path=exc.path)
+    elif isinstance(exc, WorkerCrashedError):
+        data.update(pid=exc.pid, exitcode=exc.exitcode, signal=exc.signal, cause=exc.cause)
+    if exc.worker_pid is not None:
+        data["worker_pid"] = exc.worker_pid
     return data
 
 
 def error_from_dict(data: dict[str, Any]) -> IsoBoxError:
     """Rebuild an error from :func:`error_to_dict` output; unknown types become IsoBoxError."""
+    error = _rebuild(data)
+    error.worker_pid = _int_or_none(data.get("worker_pid"))
+    return error
+
+
+def _rebuild(data: dict[str, Any]) -> IsoBoxError:
     kind = str(data.get("type", ""))
     message = str(data.get("message", ""))
     if kind in _SCRIPT_KINDS:
@@ -187,4 +205,15 @@ def error_from_dict(data: dict[str, Any]) -> IsoBoxError:
         return MemoryLimitError(message, limit=int(data.get("limit", 0)))
     if kind == "SerializationError":
         return SerializationError(message, path=str(data.get("path", "")))
-    return IsoBoxError(message)
+    if kind == "WorkerCrashedError":
+        return WorkerCrashedError(message, pid=_int_or_none(data.get("pid")),
+                                  exitcode=_int_or_none(data.get("exitcode")),
+                                  signal=_int_or_none(data.get("signal")),
+                                  cause=str(data.get("cause", "")))
+    plain: dict[str, type[IsoBoxError]] = {"SessionError": SessionError,
+                                           "ClosedError": ClosedError, "DaemonError": DaemonError}
+    return plain.get(kind, IsoBoxError)(message)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if type(value) is int else None

@@ -18,6 +18,15 @@
         | <------------- PONG --------------- |
         | -------------- SHUTDOWN ----------> |   worker exits 0; EOF means the same
 
+    client                             daemon (isobox-supervisor; the same frames)
+        | -------------- HELLO -------------> |   {"token"}: the first frame, or the link drops
+        | <------------- WELCOME | ERROR ---- |
+        | -------------- RUN ---------------> |   {"body": a run body}; many may be in flight
+        | <------------- OUTPUT / CALL ------ |   as from a worker, under the client's id
+        | -------------- REPLY / CANCEL ----> |
+        | <------------- RESULT | ERROR ----- |   {"reply", "pid"} or {"error"}
+        | -------------- STATS -------------> |   answered by RESULT {"stats"}
+
     supervisor                         fork server (one SOCK_SEQPACKET message per frame)
         | <------------- READY -------------- |   preloaded, ready to fork
         | -------------- SPAWN + fd --------> |   fd: the worker's end of a new socketpair
@@ -77,7 +86,10 @@ class MsgType(enum.IntEnum):
     REPLY = 13  # supervisor -> worker: a host function's answer
     ITEMS = 14  # worker -> supervisor: a batch of stream values
     CREDIT = 15  # supervisor -> worker: room for more stream values
-    CANCEL = 16  # supervisor -> worker: stop the stream
+    CANCEL = 16  # supervisor -> worker: stop the stream; client -> daemon: give up a request
+    HELLO = 17  # client -> daemon: {"token"} first frame of a remote connection
+    WELCOME = 18  # daemon -> client: {"pid", "client"} the connection is accepted
+    STATS = 19  # client -> daemon: pool and daemon figures, answered by a RESULT
 
 
 @dataclass(frozen=True, slots=True)

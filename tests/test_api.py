@@ -16,7 +16,7 @@ import isobox
 from isobox import AsyncIsoBox, IsoBox
 
 PUBLIC = {
-    "AsyncIsoBox", "ClosedError", "CodeValidation", "CompileError", "ExecutionMetrics",
+    "AsyncIsoBox", "ClosedError", "DaemonError", "CodeValidation", "CompileError", "ExecutionMetrics",
     "ExecutionResult", "GlobalMetrics", "IsoBox", "IsoBoxError", "MemoryLimitError",
     "PoolStats", "ScriptError", "SecurityError", "SerializationError", "SessionError",
     "TimeoutError", "WorkerCrashedError", "WorkerStats", "Session", "AsyncSession", "SessionInfo",
@@ -42,7 +42,7 @@ def test_error_tree() -> None:
     assert issubclass(isobox.CompileError, isobox.ScriptError)
     assert issubclass(isobox.SecurityError, isobox.ScriptError)
     for name in ("ScriptError", "TimeoutError", "MemoryLimitError", "SerializationError",
-                 "WorkerCrashedError", "SessionError", "ClosedError"):
+                 "WorkerCrashedError", "SessionError", "ClosedError", "DaemonError"):
         assert issubclass(getattr(isobox, name), isobox.IsoBoxError)
     assert issubclass(isobox.TimeoutError, TimeoutError)
 
@@ -109,10 +109,19 @@ def test_bad_run_options_fail_fast(box: IsoBox) -> None:
     assert box.run("1") == 1
 
 
-def test_not_yet_available_options_say_so() -> None:
-    """Options of later releases raise a clear IsoBoxError instead of being ignored."""
-    with pytest.raises(isobox.IsoBoxError, match="remote mode"):
-        IsoBox(address="unix:///tmp/x")
+def test_remote_address_is_checked(tmp_path: Any) -> None:
+    """address= is validated, a daemon that is not there is a DaemonError, a TCP address needs
+    a token, and a token without an address is a TypeError (not silently ignored)."""
+    with pytest.raises(isobox.DaemonError, match="cannot reach"):
+        IsoBox(address=f"unix://{tmp_path}/nobody.sock")
+    with pytest.raises(ValueError, match="unix:///path or tcp://host:port"):
+        IsoBox(address="http://localhost:1")
+    with pytest.raises(ValueError, match="token"):
+        IsoBox(address="tcp://127.0.0.1:9")
+    with pytest.raises(TypeError, match="token"):
+        IsoBox(token="secret")
+    with pytest.raises(ValueError, match="pool"):
+        IsoBox(address=f"unix://{tmp_path}/x.sock", pool={"max": 2})
 
 
 def test_events_and_metrics(box: IsoBox) -> None:

@@ -1,0 +1,236 @@
+"""Remote mode: the client side of a connection to an ``isobox-supervisor`` daemon.
+
+One :class:`RemoteClient` per box holds one connection; many threads share it. Each request
+gets an id; a reader thread hands every frame to the queue of the request it belongs to, so
+concurrent runs never wait for each other's replies. Host functions are called back here, in
+the thread that made the run. If the connection drops, every request in flight fails with
+:class:`DaemonError` (the daemon cancels their work) and the next request reconnects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from isobox.errors import DaemonError, TimeoutError, error_from_dict
+from isobox.protocol import Frame, FrameDecoder, MsgType, ProtocolError, encode_frame
+
+__all__ = ["RemoteClient", "parse_address"]
+
+OnOutput = Callable[[list[tuple[str, str]]], None]
+_GONE = object()  # put in every waiting queue when the connection drops
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """Where the daemon listens: a Unix socket path, or a TCP host and port."""
+
+    path: str | None = None
+    host: str | None = None
+    port: int | None = None
+
+    def __str__(self) -> str:
+        return f"unix://{self.path}" if self.path else f"tcp://{self.host}:{self.port}"
+
+
+def parse_address(address: str) -> Address:
+    """``unix:///path/to.sock`` or ``tcp://host:port``; anything else is a ValueError."""
+    if not isinstance(address, str):
+        raise TypeError(f"address must be str, not {type(address).__name__}")
+    parts = urlsplit(address)
+    if parts.scheme == "unix" and parts.path:
+        return Address(path=parts.path)
+    if parts.scheme == "tcp" and parts.hostname and parts.port:
+        return Address(host=parts.hostname, port=parts.port)
+    raise ValueError(f"address must be unix:///path or tcp://host:port, got {address!r}")
+
+
+class RemoteClient:
+    """A thread-safe connection to the daemon, re-established on demand."""
+
+    def __init__(self, address: str, token: str | None = None,
+                 connect_timeout: float = 5.0) -> None:
+        self.address = parse_address(address)
+        if token is not None and not isinstance(token, str):
+            raise TypeError("token must be str")
+        if self.address.host is not None and not token:
+            raise ValueError("a TCP address needs a token (token=...)")
+        self.token = token
+        self.connect_timeout = connect_timeout
+        self._lock = threading.Lock()  # connection state and sending
+        self._sock: socket.socket | None = None
+        self._waiting: dict[int, queue.SimpleQueue[Any]] = {}
+        self._owner: dict[int, socket.socket] = {}  # the connection each request went out on
+        self._rids = itertools.count(1)
+        self._closed = False
+        self.daemon_pid = 0
+        self._connect()
+
+    # -- connection ------------------------------------------------------------------------
+    def _connect(self) -> socket.socket:
+        """Connect and say HELLO (under ``_lock`` or from ``__init__``)."""
+        if self._closed:
+            raise DaemonError("the connection to the daemon was closed")
+        try:
+            if self.address.path is not None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(self.connect_timeout)
+                sock.connect(self.address.path)
+            else:
+                sock = socket.create_connection((self.address.host, self.address.port),
+                                                timeout=self.connect_timeout)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            raise DaemonError(f"cannot reach the daemon at {self.address}: {exc}") from None
+        decoder = FrameDecoder()
+        try:
+            sock.sendall(encode_frame(MsgType.HELLO, 0, {"token": self.token or ""}))
+            welcome = _read_one(sock, decoder)
+        except (OSError, ProtocolError) as exc:
+            sock.close()
+            raise DaemonError(f"the daemon at {self.address} did not answer: {exc}") from None
+        if welcome is None or welcome.type is not MsgType.WELCOME:
+            sock.close()
+            error = welcome.body.get("error") if welcome is not None else None
+            if isinstance(error, dict):
+                raise DaemonError(str(error.get("message", "refused")))
+            raise DaemonError(f"the daemon at {self.address} refused the connection")
+        self.daemon_pid = int(welcome.body.get("pid", 0))
+        sock.settimeout(None)
+        self._sock = sock
+        threading.Thread(target=self._reader, args=(sock, decoder), daemon=True,
+                         name="isobox-remote").start()
+        return sock
+
+    def _reader(self, sock: socket.socket, decoder: FrameDecoder) -> None:
+        """Hand each frame to the request it belongs to; on EOF or a bad frame, fail them all."""
+        try:
+            while True:
+                data = sock.recv(1 << 20)
+                if not data:
+                    break
+                for frame in decoder.feed(data):
+                    waiter = self._waiting.get(frame.request_id)
+                    if waiter is not None:
+                        waiter.put(frame)
+        except (OSError, ProtocolError):
+            pass
+        with self._lock:
+            if self._sock is sock:
+                self._sock = None
+            gone = [w for rid, w in list(self._waiting.items()) if self._owner.get(rid) is sock]
+        sock.close()
+        for waiter in gone:
+            waiter.put(_GONE)
+
+    def _send(self, msg: MsgType, rid: int, body: dict[str, Any]) -> None:
+        frame = encode_frame(msg, rid, body)
+        with self._lock:
+            sock = self._sock or self._connect()
+            if msg is MsgType.RUN or msg is MsgType.STATS:
+                self._owner[rid] = sock
+            try:
+                sock.sendall(frame)
+            except OSError as exc:
+                raise DaemonError(f"the connection to the daemon was lost: {exc}") from None
+
+    def close(self) -> None:
+        """Close the connection; requests in flight fail with DaemonError."""
+        with self._lock:
+            self._closed = True
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+
+    # -- requests --------------------------------------------------------------------------
+    def request(self, msg: MsgType, body: dict[str, Any], *, timeout: float,
+                on_output: OnOutput | None = None,
+                call: Callable[[str, str], str] | None = None) -> dict[str, Any]:
+        """Send one request and wait for its RESULT body (an ERROR raises its typed error).
+        ``timeout`` bounds the wait; the daemon's own watchdog answers well before it."""
+        rid = next(self._rids)
+        waiter: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._waiting[rid] = waiter
+        try:
+            self._send(msg, rid, body)
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    item = waiter.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    self._cancel(rid)
+                    raise TimeoutError("the daemon did not answer in time", kind="wall",
+                                       limit=timeout) from None
+                if item is _GONE:
+                    raise DaemonError(f"the connection to the daemon at {self.address} was "
+                                      "lost during the request; the daemon cancels its work")
+                frame: Frame = item
+                if frame.type is MsgType.RESULT:
+                    return frame.body
+                if frame.type is MsgType.ERROR:
+                    error = frame.body.get("error")
+                    raise error_from_dict(error if isinstance(error, dict) else {})
+                if frame.type is MsgType.OUTPUT and on_output is not None:
+                    lines = frame.body.get("console", [])
+                    on_output([(str(k), str(m)) for k, m in lines])
+                elif frame.type is MsgType.CALL:
+                    self._answer(rid, frame, call)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # KeyboardInterrupt: the daemon stops the run
+                self._cancel(rid)
+            raise
+        finally:
+            self._waiting.pop(rid, None)
+            self._owner.pop(rid, None)
+
+    def _answer(self, rid: int, frame: Frame, call: Callable[[str, str], str] | None) -> None:
+        cid, name, args = frame.body.get("cid"), frame.body.get("name"), frame.body.get("args")
+        if call is None:
+            reply = 'e{"message": "no host functions are available in this run"}'
+        else:
+            reply = call(str(name), str(args))
+        self._send(MsgType.REPLY, rid, {"cid": cid, "reply": reply})
+
+    def _cancel(self, rid: int) -> None:
+        with contextlib.suppress(DaemonError):  # gone: the daemon cancels all of ours anyway
+            self._send(MsgType.CANCEL, rid, {})
+
+    def run(self, body: dict[str, Any], *, timeout: float, on_output: OnOutput | None,
+            call: Callable[[str, str], str] | None) -> tuple[dict[str, Any], int | None]:
+        """One run: the worker's RESULT body and the pid of the worker that ran it."""
+        answer = self.request(MsgType.RUN, {"body": body}, timeout=timeout,
+                              on_output=on_output, call=call)
+        reply = answer.get("reply")
+        if not isinstance(reply, dict):
+            raise DaemonError("the daemon sent a malformed result")
+        pid = answer.get("pid")
+        return reply, pid if type(pid) is int else None
+
+    def stats(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The daemon's figures (pool, clients, queue)."""
+        answer = self.request(MsgType.STATS, {}, timeout=timeout)
+        stats = answer.get("stats")
+        if not isinstance(stats, dict):
+            raise DaemonError("the daemon sent malformed figures")
+        return stats
+
+
+def _read_one(sock: socket.socket, decoder: FrameDecoder) -> Frame | None:
+    """One frame read synchronously (the handshake, before the reader thread starts)."""
+    while True:
+        data = sock.recv(1 << 16)
+        if not data:
+            return None
+        frames = decoder.feed(data)
+        if frames:
+            if len(frames) > 1:
+                raise ProtocolError("unexpected frames after the handshake")
+            return frames[0]
