@@ -55,6 +55,13 @@ from isobox.projects import (
     virtual_path,
 )
 from isobox.remote import RemoteClient, parse_address
+from isobox.remote_session import (
+    WIRE,
+    AsyncRemoteSession,
+    RemoteSession,
+    athread_stream,
+    remote_stream,
+)
 from isobox.results import (
     CodeValidation,
     ExecutionMetrics,
@@ -111,6 +118,23 @@ class _LocalIO(EngineIO):
         return super().wait(timeout)
 
 
+def _remote_options(mode: str, pool: Mapping[str, Any] | None, address: str | None,
+                    options: dict[str, Any]) -> dict[str, Any]:
+    """Take the remote-mode options out of ``options`` and check they fit together."""
+    found = {"token": options.pop("token", None), "scope": options.pop("session_scope", None)}
+    if address is None:
+        if found["token"] is not None or found["scope"] is not None:
+            raise TypeError("token= and session_scope= are for remote mode (address=...)")
+        return found
+    if mode != "process":
+        raise ValueError(f"address= (remote mode) cannot be combined with mode={mode!r}")
+    if pool is not None:
+        raise ValueError("in remote mode the pool is the daemon's: configure it with "
+                         "isobox-supervisor --workers")
+    parse_address(address)
+    return found
+
+
 def _grace(timeout: float) -> float:
     """How long past the wall deadline the watchdog waits, so a CPU timeout can report itself."""
     return min(1.0, 0.02 + 0.1 * timeout)
@@ -124,17 +148,9 @@ class _BoxCore:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         self._remote: RemoteClient | None = None
-        token = options.pop("token", None)
-        if address is None and token is not None:
-            raise TypeError("token= is for remote mode (address=...)")
-        if address is not None:
-            if mode != "process":
-                raise ValueError("address= (remote mode) cannot be combined with mode="
-                                 f"{mode!r}")
-            if pool is not None:
-                raise ValueError("in remote mode the pool is the daemon's: configure it with "
-                                 "isobox-supervisor --workers")
-            parse_address(address)
+        remote = _remote_options(mode, pool, address, options)
+        # Remote streams and sessions send the box's own defaults along (see remote_session).
+        self._remote_defaults = {k: v for k, v in options.items() if k in WIRE}
         self._filesystem = filesystem_option(options.pop("filesystem", None))
         self._require = RequirePolicy.from_option(options.pop("require", None))
         confinement = options.pop("confinement", "strict")
@@ -170,7 +186,8 @@ class _BoxCore:
         self._pool: Pool | None = None
         self._engines = threading.local()
         if address is not None:
-            self._remote = RemoteClient(address, token)
+            self._remote = RemoteClient(address, remote["token"], scope=remote["scope"],
+                                        on_event=self._events.emit)
             self._finalizer = weakref.finalize(self, self._remote.close)
         elif mode == "process":
             self._pool = Pool(config, self._events.emit)
@@ -460,7 +477,6 @@ class _BoxCore:
     # -- sessions (shared parts) -----------------------------------------------------------
     def _new_session(self, session_id: str, ttl: float | None,
                      options: dict[str, Any]) -> SessionState:
-        self._no_remote("sessions")
         if self._closed:
             raise ClosedError("the box was shut down")
         check_id(session_id)
@@ -617,9 +633,24 @@ class _BoxCore:
             raise
         return reply, pid, started, streamed
 
-    def _no_remote(self, what: str) -> None:
-        if self._remote is not None:
-            raise DaemonError(_NOT_REMOTE.format(what=what))
+    def _remote_result(self, found: Any, streamed: list[tuple[str, str]],
+                       started: float) -> ExecutionResult:
+        """A remote session run's result, rebuilt and recorded as a local one would be."""
+        if not isinstance(found, dict):
+            raise DaemonError("the daemon sent a malformed result")
+        duration = time.monotonic() - started
+        pid = found.get("worker_pid")
+        result = ExecutionResult(
+            value=values.decode(str(found.get("value", "null"))), duration=duration,
+            cpu_time=float(found.get("cpu_time", 0.0)), memory=int(found.get("memory", 0)),
+            type=str(found.get("type", "")), console=list(streamed),
+            files=dict(found.get("files") or {}), worker_pid=pid if type(pid) is int else None)
+        self._record(duration, result.cpu_time, result.memory, None, result.worker_pid)
+        return result
+
+    def _remote_failed(self, exc: BaseException, started: float) -> None:
+        if isinstance(exc, IsoBoxError):
+            self._record(time.monotonic() - started, 0.0, 0, exc, exc.worker_pid)
 
     def _end_all_sessions(self) -> None:
         with self._sessions_lock:
@@ -784,7 +815,8 @@ class IsoBox(_BoxCore):
                    **options: Any) -> Generator[Any, None, None]:
         """Stream the values ``code`` yields (top-level ``yield``) or its iterable evaluates
         to; leaving the loop early stops the generator and frees the worker."""
-        self._no_remote("streams")
+        if self._remote is not None:
+            return remote_stream(self, code, options, window, idle_timeout)
         return self._stream(code, options, window, idle_timeout, None)
 
     def _stream(self, code: str, options: dict[str, Any], window: int,
@@ -882,10 +914,14 @@ class IsoBox(_BoxCore):
     def create_session(self, session_id: str, *, ttl: float | None = 600.0,
                        **options: Any) -> Session:
         """A new session: one live context, kept between runs (see README: Sessions)."""
+        if self._remote is not None:
+            return RemoteSession.create(self, session_id, ttl, options)
         return Session(self, self._new_session(session_id, ttl, options))
 
     def get_session(self, session_id: str) -> Session:
         """The open session ``session_id``; :class:`SessionError` if unknown or ended."""
+        if self._remote is not None:
+            return RemoteSession.open(self, session_id)
         return Session(self, self._lookup(session_id))
 
     def _session_execute(self, state: SessionState, code: str, options: dict[str, Any],
@@ -1025,7 +1061,8 @@ class AsyncIsoBox(_BoxCore):
                    **options: Any) -> AsyncGenerator[Any, None]:
         """Stream the values ``code`` yields (an async iterator); leaving the loop early,
         ``aclose()`` or cancelling the task stops the generator and frees the worker."""
-        self._no_remote("streams")
+        if self._remote is not None:
+            return athread_stream(remote_stream(self, code, options, window, idle_timeout))
         return self._stream(code, options, window, idle_timeout, None)
 
     def _stream(self, code: str, options: dict[str, Any], window: int,
@@ -1144,10 +1181,16 @@ class AsyncIsoBox(_BoxCore):
     async def create_session(self, session_id: str, *, ttl: float | None = 600.0,
                              **options: Any) -> AsyncSession:
         """A new session: one live context, kept between runs (see README: Sessions)."""
+        if self._remote is not None:
+            inner = await asyncio.to_thread(RemoteSession.create, self, session_id, ttl, options)
+            return AsyncRemoteSession(self, inner)
         return AsyncSession(self, self._new_session(session_id, ttl, options))
 
     async def get_session(self, session_id: str) -> AsyncSession:
         """The open session ``session_id``; :class:`SessionError` if unknown or ended."""
+        if self._remote is not None:
+            inner = await asyncio.to_thread(RemoteSession.open, self, session_id)
+            return AsyncRemoteSession(self, inner)
         return AsyncSession(self, self._lookup(session_id))
 
     async def _session_execute(self, state: SessionState, code: str,

@@ -25,7 +25,8 @@ __all__ = ["supervisor_main"]
 
 _FIELDS = ("socket", "listen", "workers", "min_workers", "idle_timeout", "max_runs", "max_queue",
            "max_client_queue", "max_client_runs", "max_timeout", "max_memory", "grace",
-           "frame_timeout", "metrics_port", "metrics_host", "confinement")
+           "frame_timeout", "max_sessions", "max_client_sessions", "metrics_port",
+           "metrics_host", "confinement")
 
 
 class _JsonFormatter(logging.Formatter):
@@ -108,6 +109,8 @@ _OPTIONS: list[tuple[str, Any, str]] = [
     ("grace", float, "On SIGTERM/SIGINT, seconds in-flight runs may still finish [10]."),
     ("frame-timeout", float, "Seconds a client may stall inside a frame before it is dropped "
                              "[10]."),
+    ("max-sessions", int, "Open sessions, all clients together [1000]."),
+    ("max-client-sessions", int, "Open sessions of one client (one session scope) [100]."),
     ("metrics-port", int, "Serve Prometheus /metrics and /healthz on this port [off]."),
     ("metrics-host", str, "Address of the metrics endpoint [127.0.0.1]."),
     ("confinement", click.Choice(["strict", "best-effort"]),

@@ -26,7 +26,7 @@ from typing import Any
 from isobox import values
 from isobox.errors import SerializationError
 
-__all__ = ["HostFunctions", "sanitize"]
+__all__ = ["HostFunctions", "RelayedError", "sanitize"]
 
 log = logging.getLogger("isobox")
 
@@ -135,6 +135,8 @@ class HostFunctions:
 
     @staticmethod
     def _failed(name: str, exc: BaseException) -> str:
+        if isinstance(exc, RelayedError):
+            return exc.reply  # already formatted (and sanitized) by the host that ran it
         log.debug("isobox host function %s raised", name, exc_info=exc)
         try:
             text = sanitize(str(exc))
@@ -182,6 +184,15 @@ class HostFunctions:
         except Exception as exc:
             return self._failed(name, exc)
         return self._encode(name, result)
+
+
+class RelayedError(Exception):
+    """A host function that ran in another process (remote mode: in the client) failed; its
+    reply (``e`` + JSON, already sanitized there) reaches the sandbox unchanged."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
 
 
 class _Runners:

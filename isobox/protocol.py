@@ -26,6 +26,9 @@
         | -------------- REPLY / CANCEL ----> |
         | <------------- RESULT | ERROR ----- |   {"reply", "pid"} or {"error"}
         | -------------- STATS -------------> |   answered by RESULT {"stats"}
+        | -------------- API ---------------> |   {"op": "stream" | "session.*"}: RESULT
+        | <------------- ITEMS -------------- |   stream values within the client's CREDIT
+        | <------------- EVENT -------------- |   worker:started / crashed / recycled
 
     supervisor                         fork server (one SOCK_SEQPACKET message per frame)
         | <------------- READY -------------- |   preloaded, ready to fork
@@ -90,6 +93,8 @@ class MsgType(enum.IntEnum):
     HELLO = 17  # client -> daemon: {"token"} first frame of a remote connection
     WELCOME = 18  # daemon -> client: {"pid", "client"} the connection is accepted
     STATS = 19  # client -> daemon: pool and daemon figures, answered by a RESULT
+    API = 20  # client -> daemon: a stream or a session operation {"op", ...}
+    EVENT = 21  # daemon -> client: a worker event {"name", "payload"} (request id 0)
 
 
 @dataclass(frozen=True, slots=True)

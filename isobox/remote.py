@@ -12,14 +12,16 @@ from __future__ import annotations
 import contextlib
 import itertools
 import queue
+import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from isobox import values
 from isobox.errors import DaemonError, TimeoutError, error_from_dict
 from isobox.protocol import Frame, FrameDecoder, MsgType, ProtocolError, encode_frame
 
@@ -57,7 +59,8 @@ class RemoteClient:
     """A thread-safe connection to the daemon, re-established on demand."""
 
     def __init__(self, address: str, token: str | None = None,
-                 connect_timeout: float = 5.0) -> None:
+                 connect_timeout: float = 5.0, scope: str | None = None,
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
         self.address = parse_address(address)
         if token is not None and not isinstance(token, str):
             raise TypeError("token must be str")
@@ -65,6 +68,11 @@ class RemoteClient:
             raise ValueError("a TCP address needs a token (token=...)")
         self.token = token
         self.connect_timeout = connect_timeout
+        if scope is not None and (not isinstance(scope, str) or not 0 < len(scope) <= 256):
+            raise ValueError("session_scope must be a non-empty str of at most 256 characters")
+        # Sessions in the daemon are scoped by this: random unless the caller shares one.
+        self.scope = scope or secrets.token_hex(16)
+        self.on_event = on_event
         self._lock = threading.Lock()  # connection state and sending
         self._sock: socket.socket | None = None
         self._waiting: dict[int, queue.SimpleQueue[Any]] = {}
@@ -92,7 +100,8 @@ class RemoteClient:
             raise DaemonError(f"cannot reach the daemon at {self.address}: {exc}") from None
         decoder = FrameDecoder()
         try:
-            sock.sendall(encode_frame(MsgType.HELLO, 0, {"token": self.token or ""}))
+            sock.sendall(encode_frame(MsgType.HELLO, 0, {"token": self.token or "",
+                                                          "scope": self.scope}))
             welcome = _read_one(sock, decoder)
         except (OSError, ProtocolError) as exc:
             sock.close()
@@ -118,6 +127,9 @@ class RemoteClient:
                 if not data:
                     break
                 for frame in decoder.feed(data):
+                    if frame.type is MsgType.EVENT:
+                        self._event(frame)
+                        continue
                     waiter = self._waiting.get(frame.request_id)
                     if waiter is not None:
                         waiter.put(frame)
@@ -131,11 +143,17 @@ class RemoteClient:
         for waiter in gone:
             waiter.put(_GONE)
 
+    def _event(self, frame: Frame) -> None:
+        name, payload = frame.body.get("name"), frame.body.get("payload")
+        if self.on_event is not None and isinstance(name, str) and isinstance(payload, dict):
+            with contextlib.suppress(Exception):  # a handler's failure is not the link's
+                self.on_event(name, payload)
+
     def _send(self, msg: MsgType, rid: int, body: dict[str, Any]) -> None:
         frame = encode_frame(msg, rid, body)
         with self._lock:
             sock = self._sock or self._connect()
-            if msg is MsgType.RUN or msg is MsgType.STATS:
+            if msg in (MsgType.RUN, MsgType.STATS, MsgType.API):
                 self._owner[rid] = sock
             try:
                 sock.sendall(frame)
@@ -176,8 +194,7 @@ class RemoteClient:
                 if frame.type is MsgType.RESULT:
                     return frame.body
                 if frame.type is MsgType.ERROR:
-                    error = frame.body.get("error")
-                    raise error_from_dict(error if isinstance(error, dict) else {})
+                    raise _error(frame)
                 if frame.type is MsgType.OUTPUT and on_output is not None:
                     lines = frame.body.get("console", [])
                     on_output([(str(k), str(m)) for k, m in lines])
@@ -214,6 +231,58 @@ class RemoteClient:
         pid = answer.get("pid")
         return reply, pid if type(pid) is int else None
 
+    def api(self, body: dict[str, Any], *, timeout: float, on_output: OnOutput | None = None,
+            call: Callable[[str, str], str] | None = None) -> Any:
+        """A session operation run by the daemon; its result."""
+        return self.request(MsgType.API, body, timeout=timeout, on_output=on_output,
+                            call=call).get("result")
+
+    def stream(self, body: dict[str, Any], *, window: int, timeout: float,
+               on_output: OnOutput | None = None,
+               call: Callable[[str, str], str] | None = None) -> Generator[Any, None, None]:
+        """Values of a stream run by the daemon, granting credit as they are taken; leaving
+        early cancels it there (the worker runs the generator's ``return()``)."""
+        rid = next(self._rids)
+        waiter: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._waiting[rid] = waiter
+        finished = False
+        try:
+            self._send(MsgType.API, rid, {**body, "window": window})
+            quarter, taken = max(1, window // 4), 0
+            while True:
+                try:
+                    item = waiter.get(timeout=timeout)
+                except queue.Empty:
+                    raise TimeoutError("the daemon sent nothing for the stream in time",
+                                       kind="wall", limit=timeout) from None
+                if item is _GONE:
+                    raise DaemonError(f"the connection to the daemon at {self.address} was "
+                                      "lost during the stream; the daemon cancels its work")
+                frame: Frame = item
+                if frame.type is MsgType.ITEMS:
+                    batch = values.decode(str(frame.body.get("items", "[]")))
+                    for value in batch if isinstance(batch, list) else ():
+                        yield value
+                        taken += 1
+                        if taken >= quarter:
+                            self._send(MsgType.CREDIT, rid, {"n": taken})
+                            taken = 0
+                elif frame.type is MsgType.RESULT:
+                    finished = True
+                    return
+                elif frame.type is MsgType.ERROR:
+                    finished = True
+                    raise _error(frame)
+                elif frame.type is MsgType.OUTPUT and on_output is not None:
+                    on_output([(str(k), str(m)) for k, m in frame.body.get("console", [])])
+                elif frame.type is MsgType.CALL:
+                    self._answer(rid, frame, call)
+        finally:
+            if not finished:
+                self._cancel(rid)
+            self._waiting.pop(rid, None)
+            self._owner.pop(rid, None)
+
     def stats(self, timeout: float = 10.0) -> dict[str, Any]:
         """The daemon's figures (pool, clients, queue)."""
         answer = self.request(MsgType.STATS, {}, timeout=timeout)
@@ -221,6 +290,16 @@ class RemoteClient:
         if not isinstance(stats, dict):
             raise DaemonError("the daemon sent malformed figures")
         return stats
+
+
+def _error(frame: Frame) -> Exception:
+    """The typed error of an ERROR frame (option errors stay TypeError / ValueError)."""
+    data = frame.body.get("error")
+    data = data if isinstance(data, dict) else {}
+    builtin = {"TypeError": TypeError, "ValueError": ValueError}.get(str(data.get("type")))
+    if builtin is not None:
+        return builtin(str(data.get("message", "")))
+    return error_from_dict(data)
 
 
 def _read_one(sock: socket.socket, decoder: FrameDecoder) -> Frame | None:

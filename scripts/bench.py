@@ -27,6 +27,13 @@ limits, in this process):
       beside the same snippet in JavaScript.
 - Project: 20 modules required by an entrypoint through ``run_project``, against the same
       code bundled into one script with ``run``.
+- Remote: an ``isobox-supervisor`` daemon (2 workers, started in a private temp folder) and
+      ``IsoBox(address="unix://...")`` clients: ``1+2`` p50/p99 over the Unix socket with a ~1 ms
+      idle gap (against the W1 floor, interleaved); runs/s from 4 client processes, one box
+      each; the daemon's own RSS (its pid only, not its workers) right after start; and its RSS
+      before and after 100,000 runs from one client with 4 threads (5,000 with ``--quick``),
+      sampled on the way so a steady climb shows. The daemon is stopped with SIGTERM (SIGKILL
+      if it does not exit) whatever happens.
 
 How: every series is warmed up first and then measured with ``time.perf_counter``; floor and
 IsoBox series are interleaved in rounds so background load drifts hit both alike; figures are
@@ -52,15 +59,20 @@ import json
 import math
 import os
 import platform
+import queue
+import shutil
 import signal
 import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import _quickjs
@@ -106,12 +118,15 @@ class Plan:
     respawn_reps: int  # stays below the crash-loop breaker's 10 deaths per 10 s
     stream_reps: int
     ts_reps: int
+    remote_runs: int  # the daemon RSS growth figure
 
 
 FULL = Plan(w1_rounds=6, w1_block=500, w1_warmup=200, tput_seconds=2.0, tput_reps=5,
-            w2_reps=60, w3_reps=20, w4_reps=12, respawn_reps=8, stream_reps=5, ts_reps=40)
+            w2_reps=60, w3_reps=20, w4_reps=12, respawn_reps=8, stream_reps=5, ts_reps=40,
+            remote_runs=100_000)
 QUICK = Plan(w1_rounds=2, w1_block=150, w1_warmup=30, tput_seconds=0.75, tput_reps=1,
-             w2_reps=8, w3_reps=4, w4_reps=3, respawn_reps=3, stream_reps=1, ts_reps=8)
+             w2_reps=8, w3_reps=4, w4_reps=3, respawn_reps=3, stream_reps=1, ts_reps=8,
+             remote_runs=5_000)
 
 
 # -- statistics --------------------------------------------------------------------------------
@@ -607,6 +622,299 @@ def bench_project(box: IsoBox, plan: Plan) -> dict[str, Any]:
     return {"project": summary(project), "bundle": summary(bundled)}
 
 
+# -- remote mode: an isobox-supervisor daemon ------------------------------------------------
+CLIENTS = 4  # client processes of the remote throughput figure
+SUPERVISOR = Path(sys.executable).with_name("isobox-supervisor")
+READY = "isobox-supervisor listening on"
+GROWTH_SAMPLES = 10  # daemon RSS samples along the growth runs
+CLIENT_MAIN = ("import sys; sys.path.insert(0, sys.argv[1]); import bench; "
+               "bench.remote_client(sys.argv[2])")
+
+
+def rss_mib(pid: int) -> float:
+    """Resident MiB of ``pid`` itself (not its children)."""
+    return float(psutil.Process(pid).memory_info().rss) / MIB
+
+
+def family(pid: int) -> set[int]:
+    """Every live descendant of ``pid`` (the daemon's fork server and workers)."""
+    try:
+        return {child.pid for child in psutil.Process(pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def alive(pids: Iterable[int], limit: float) -> list[int]:
+    """Those of ``pids`` still running (zombies excluded) after waiting up to ``limit`` s."""
+    deadline = time.monotonic() + limit
+    while True:
+        left = []
+        for pid in sorted(pids):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    left.append(pid)
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.05)
+
+
+def start_supervisor(folder: str) -> subprocess.Popen[bytes]:
+    """``isobox-supervisor`` on ``folder``/d.sock with 2 workers kept started; its stderr goes
+    to ``folder``/daemon.log."""
+    with open(os.path.join(folder, "daemon.log"), "wb") as log:
+        return subprocess.Popen(
+            [str(SUPERVISOR), "--socket", os.path.join(folder, "d.sock"),
+             "--workers", str(WORKERS), "--min-workers", str(WORKERS)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+
+
+def wait_listening(daemon: subprocess.Popen[bytes], folder: str, limit: float = 30.0) -> None:
+    """Poll the daemon's log (every ~1 ms) until it says it listens."""
+    log = Path(folder, "daemon.log")
+    deadline = time.monotonic() + limit
+    while READY not in log.read_text(encoding="utf-8", errors="replace"):
+        if daemon.poll() is not None or time.monotonic() >= deadline:
+            tail = log.read_text(encoding="utf-8", errors="replace")[-500:]
+            state = (f"exited with code {daemon.returncode}" if daemon.returncode is not None
+                     else f"did not listen within {limit} s")
+            raise RuntimeError(f"isobox-supervisor {state}; its log ends: {tail!r}")
+        time.sleep(POLL)
+
+
+def stop_supervisor(daemon: subprocess.Popen[bytes], seen: set[int]) -> dict[str, Any]:
+    """SIGTERM the daemon, SIGKILL it if it has not exited 15 s later (its drain grace is
+    10 s); then wait up to 5 s for its processes. Those still alive go into ``seen``, where the
+    end-of-run check reports and kills them."""
+    processes = family(daemon.pid)
+    seen.update(processes | {daemon.pid})
+    started = time.perf_counter()
+    how = "SIGTERM"
+    if daemon.poll() is not None:
+        how = "none (it had exited)"
+    else:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=15.0)
+        except subprocess.TimeoutExpired:
+            how = "SIGKILL (SIGTERM was not enough within 15 s)"
+            daemon.kill()
+            daemon.wait()
+    took = time.perf_counter() - started
+    return {"how": how, "returncode": daemon.returncode, "seconds": took,
+            "outlived": alive(processes, 5.0)}
+
+
+def remote_box(address: str) -> IsoBox:
+    """A remote box with the benchmark's run limits."""
+    return IsoBox(address=address, timeout=TIMEOUT, memory_limit=MEMORY_LIMIT,
+                  stack_limit=STACK_LIMIT)
+
+
+def remote_client(address: str) -> None:
+    """One client process of the remote throughput figure (run by :class:`ClientProcess`):
+    warm up, say ``ready``, then for every ``START END`` line (``time.monotonic()`` values: the
+    same clock in every process) run ``1+2`` in a loop from START until END and answer with the
+    completions as JSON; exit at the end of stdin."""
+    box = remote_box(address)
+    try:
+        for _ in range(200):
+            check(box.run(ONE_PLUS_TWO), 3, "remote 1+2")
+        print("ready", flush=True)
+        for line in sys.stdin:
+            start, end = (float(v) for v in line.split())
+            time.sleep(max(0.0, start - time.monotonic()))
+            done = failed = 0
+            while time.monotonic() < end:
+                try:
+                    box.run(ONE_PLUS_TWO)
+                except IsoBoxError:
+                    failed += 1
+                    continue
+                if time.monotonic() <= end:
+                    done += 1
+            print(json.dumps({"done": done, "failed": failed}), flush=True)
+    finally:
+        box.shutdown()
+
+
+class ClientProcess:
+    """A Python process running :func:`remote_client`, talked to over its stdin and stdout."""
+
+    def __init__(self, address: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CLIENT_MAIN, str(Path(__file__).resolve().parent), address],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        threading.Thread(target=self._read, daemon=True, name=f"client-{self.proc.pid}").start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.strip())
+        self.lines.put(None)
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def answer(self, limit: float) -> str:
+        """Its next line; RuntimeError if it exits or says nothing for ``limit`` s."""
+        try:
+            line = self.lines.get(timeout=limit)
+        except queue.Empty:
+            raise RuntimeError(f"client process {self.proc.pid} said nothing for {limit} s"
+                               ) from None
+        if line is None:
+            raise RuntimeError(f"client process {self.proc.pid} exited "
+                               f"(code {self.proc.wait()})")
+        return line
+
+    def close(self) -> None:
+        """End of stdin: it shuts its box down and exits; killed if it has not within 10 s."""
+        with contextlib.suppress(OSError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10.0)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def remote_latency(box: IsoBox, plan: Plan) -> dict[str, Any]:
+    """Sequential remote 1+2 with a ~1 ms idle gap, interleaved with the W1 floor."""
+    run_remote = Probe(lambda: box.run(ONE_PLUS_TWO), 3, "remote 1+2")
+    run_floor = Probe(lambda: floor_eval(ONE_PLUS_TWO), 3, "floor 1+2")
+    series(run_floor, plan.w1_warmup)
+    series(run_remote, plan.w1_warmup, IDLE_GAP)
+    floor: list[float] = []
+    gap: list[float] = []
+    for _ in range(plan.w1_rounds):
+        floor += series(run_floor, plan.w1_block)
+        time.sleep(0.05)
+        gap += series(run_remote, plan.w1_block, IDLE_GAP)
+        time.sleep(0.05)
+    return {"floor": summary(floor), "remote_gap": summary(gap)}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds ``pid`` itself has used."""
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def remote_throughput(box: IsoBox, address: str, plan: Plan, pid: int,
+                      seen: set[int]) -> dict[str, Any]:
+    """Runs/s from 4 client processes, each with its own remote box, all at once; and the CPU
+    the daemon process itself spent per run meanwhile."""
+    clients: list[ClientProcess] = []
+    daemon_cpu = 0.0
+    total = 0
+    try:
+        for _ in range(CLIENTS):
+            clients.append(ClientProcess(address))
+            seen.add(clients[-1].proc.pid)
+        for client in clients:
+            if client.answer(60.0) != "ready":
+                raise RuntimeError("a client process did not say ready")
+        rates: list[float] = []
+        per_client: list[float] = []
+        errors = 0
+        for _ in range(plan.tput_reps):
+            wait_idle(box, WORKERS)
+            start = time.monotonic() + 0.1
+            cpu = cpu_seconds(pid)
+            for client in clients:
+                client.send(f"{start!r} {start + plan.tput_seconds!r}")
+            answers = [json.loads(client.answer(plan.tput_seconds + 30.0)) for client in clients]
+            daemon_cpu += cpu_seconds(pid) - cpu
+            total += sum(a["done"] + a["failed"] for a in answers)
+            rates.append(sum(a["done"] for a in answers) / plan.tput_seconds)
+            per_client += [a["done"] / plan.tput_seconds for a in answers]
+            errors += sum(a["failed"] for a in answers)
+    finally:
+        for client in clients:
+            client.close()
+    return {"throughput": summary(rates), "per_client": summary(per_client),
+            "throughput_errors": errors, "clients": CLIENTS, "tput_seconds": plan.tput_seconds,
+            "daemon_cpu_per_run": daemon_cpu / total if total else math.nan}
+
+
+def run_many(box: IsoBox, count: int, threads: int) -> int:
+    """``count`` runs of 1+2 split over ``threads`` threads; how many failed."""
+    shares = [count // threads + (1 if i < count % threads else 0) for i in range(threads)]
+    failed = [0] * threads
+
+    def loop(index: int) -> None:
+        for _ in range(shares[index]):
+            try:
+                if box.run(ONE_PLUS_TWO) != 3:
+                    failed[index] += 1
+            except IsoBoxError:
+                failed[index] += 1
+
+    pool = [threading.Thread(target=loop, args=(i,), name=f"growth-{i}") for i in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return sum(failed)
+
+
+def remote_growth(box: IsoBox, pid: int, plan: Plan) -> dict[str, Any]:
+    """The daemon's RSS before, along and after ``plan.remote_runs`` runs from one client."""
+    runs = plan.remote_runs
+    failures = run_many(box, max(1000, runs // 50), THREADS)  # warm: threads, one connection
+    time.sleep(0.2)
+    restarts = box.pool_stats().restarts
+    samples = [(0, rss_mib(pid))]
+    started = time.perf_counter()
+    for step in range(1, GROWTH_SAMPLES + 1):
+        target = runs * step // GROWTH_SAMPLES
+        failures += run_many(box, target - samples[-1][0], THREADS)
+        samples.append((target, rss_mib(pid)))
+    elapsed = time.perf_counter() - started
+    restarts = box.pool_stats().restarts - restarts
+    return {"growth_runs": runs, "growth_threads": THREADS, "rss_before_mib": samples[0][1],
+            "rss_after_mib": samples[-1][1], "growth_mib": samples[-1][1] - samples[0][1],
+            "growth_samples": samples, "growth_failures": failures,
+            "growth_rate": runs / elapsed, "growth_seconds": elapsed,
+            "worker_restarts": restarts}
+
+
+def bench_remote(plan: Plan, seen: set[int]) -> dict[str, Any]:
+    """Remote mode: a daemon of our own in a private temp folder; always stopped."""
+    started = time.perf_counter()
+    folder = tempfile.mkdtemp(prefix="isobox-bench-")  # mode 0700, as the daemon wants
+    address = f"unix://{os.path.join(folder, 'd.sock')}"
+    daemon: subprocess.Popen[bytes] | None = None
+    box: IsoBox | None = None
+    out: dict[str, Any] = {}
+    try:
+        daemon = start_supervisor(folder)
+        seen.add(daemon.pid)
+        wait_listening(daemon, folder)
+        out.update(daemon_pid=daemon.pid, rss_start_mib=rss_mib(daemon.pid))
+        box = remote_box(address)
+        if not wait_idle(box, WORKERS):
+            raise RuntimeError("the daemon's pool did not reach 2 idle workers within 10 s")
+        out["rss_workers_idle_mib"] = rss_mib(daemon.pid)  # still before any run
+        seen.update(family(daemon.pid))
+        out.update(remote_latency(box, plan))
+        out.update(remote_throughput(box, address, plan, daemon.pid, seen))
+        out.update(remote_growth(box, daemon.pid, plan))
+        seen.update(family(daemon.pid))
+    finally:
+        if box is not None:
+            box.shutdown()
+        if daemon is not None:
+            out["stop"] = stop_supervisor(daemon, seen)
+        shutil.rmtree(folder, ignore_errors=True)
+    out["section_seconds"] = time.perf_counter() - started
+    return out
+
+
 def quickjs_build() -> dict[str, Any]:
     """The quickjs-ng distribution in use: version, wheel tags, and whether it is prebuilt."""
     dist = importlib.metadata.distribution("quickjs-ng")
@@ -665,7 +973,7 @@ class Target:
         return "PASS" if ok else "MISS"
 
 
-def build_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+def build_rows(res: dict[str, Any], plan: Plan) -> list[tuple[str, str, str, str]]:
     """The comparison table: metric, IsoBox, floor, IsoBox/floor."""
     lat, tput = res.get("w1_latency"), res.get("w1_throughput")
     w2, w3, w4, resp = res.get("w2"), res.get("w3"), res.get("w4"), res.get("respawn")
@@ -716,10 +1024,24 @@ def build_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         value = fig(mem, key, "p50")
         rows.append((f"Idle worker {label} median", f"{value:.1f} MiB" if value else "-", "-",
                      "-"))
+    rem = res.get("remote")
+    for q in ("p50", "p99"):
+        timing(f"Remote 1+2 {q}, ~1 ms idle gap", fig(rem, "remote_gap", q), fig(rem, "floor", q))
+    box_rate, floor_rate = fig(rem, "throughput", "p50"), fig(tput, "floor", "p50")
+    r = ratio(box_rate, floor_rate)
+    rows.append((f"Remote runs/s, {CLIENTS} client processes (floor: W1's)",
+                 f"{box_rate:,.0f}" if box_rate is not None else "-",
+                 f"{floor_rate:,.0f}" if floor_rate is not None else "-",
+                 f"{r:.2f}x" if r is not None else "-"))
+    for key, label in (("rss_start_mib", "Daemon RSS right after start"),
+                       ("rss_before_mib", "Daemon RSS before the growth runs"),
+                       ("rss_after_mib", f"Daemon RSS after {plan.remote_runs:,} runs")):
+        value = fig(rem, key)
+        rows.append((label, f"{value:.1f} MiB" if value is not None else "-", "-", "-"))
     return rows
 
 
-def build_targets(res: dict[str, Any]) -> list[Target]:
+def build_targets(res: dict[str, Any], plan: Plan) -> list[Target]:
     """Every target of the brief, judged from the measured figures."""
     lat, tput = res.get("w1_latency"), res.get("w1_throughput")
     w2, w3, w4, resp = res.get("w2"), res.get("w3"), res.get("w4"), res.get("respawn")
@@ -744,6 +1066,12 @@ def build_targets(res: dict[str, Any]) -> list[Target]:
     cached, plain = fig(tsr, "cached", "p50"), fig(tsr, "plain", "p50")
     ts_extra = cached - plain if cached is not None and plain is not None else None
     pr = ratio(fig(proj, "project", "p50"), fig(proj, "bundle", "p50"))
+    rem = res.get("remote")
+    rr = ratio(fig(rem, "remote_gap", "p50"), fig(rem, "floor", "p50"))
+    rrate = fig(rem, "throughput", "p50")
+    start_mib = fig(rem, "rss_start_mib")
+    start_mb = start_mib * MIB / 1e6 if start_mib is not None else None
+    growth = fig(rem, "growth_mib")
 
     return [
         Target("W1 p50 (idle gap) <= 1.5x floor", w1r, 1.5, x(w1r)),
@@ -763,6 +1091,13 @@ def build_targets(res: dict[str, Any]) -> list[Target]:
         Target("TS first compile <= 15 ms (warm worker)", ts_first, 0.015, ms(ts_first)),
         Target("TS cached repeat adds < 0.1 ms", ts_extra, 0.0001, ms(ts_extra)),
         Target("20-module project <= 3x bundled", pr, 3.0, x(pr)),
+        Target("Remote 1+2 p50 <= 2.5x floor", rr, 2.5, x(rr)),
+        Target(f">= 6000 remote runs/s, {CLIENTS} client processes", rrate, 6000,
+               f"{rrate:,.0f}/s" if rrate is not None else "-", at_least=True),
+        Target("Daemon RSS without workers < 60 MB", start_mb, 60.0,
+               f"{start_mb:.1f} MB" if start_mb is not None else "-"),
+        Target(f"Daemon RSS growth over {plan.remote_runs:,} runs < 10 MiB", growth, 10.0,
+               f"{growth:+.1f} MiB" if growth is not None else "-"),
     ]
 
 
@@ -789,10 +1124,47 @@ def notes(res: dict[str, Any]) -> list[str]:
                    f"after {ms(fig(resp, 'to_crash_event', 'p50'))}, worker:started after "
                    f"{ms(fig(resp, 'to_start_event', 'p50'))}, 2 idle seen after "
                    f"{ms(fig(resp, 'to_idle', 'p50'))}")
+    out += remote_notes(res.get("remote") or {})
     return out
 
 
-def print_report(env: dict[str, Any], res: dict[str, Any], targets: list[Target]) -> None:
+def remote_notes(rem: dict[str, Any]) -> list[str]:
+    """The remote section's side facts: memory along the way, clients, the daemon's end."""
+    out: list[str] = []
+    if "rss_start_mib" in rem:
+        ready = rem.get("rss_workers_idle_mib")
+        out.append(f"Remote: daemon pid {rem['daemon_pid']} (its own RSS only, not its fork "
+                   f"server's or workers'): {rem['rss_start_mib']:.1f} MiB right after it "
+                   "listened" + (f", {ready:.1f} MiB once its 2 workers were idle (still "
+                                 "before any run)" if ready is not None else ""))
+    if "per_client" in rem:
+        out.append(f"Remote throughput: {rem['clients']} client processes x 1 thread, "
+                   f"{rem['tput_seconds']} s windows; median per client "
+                   f"{fig(rem, 'per_client', 'p50') or 0:,.0f} runs/s; "
+                   f"{rem['throughput_errors']} runs raised; the daemon process itself spent "
+                   f"{ms(rem['daemon_cpu_per_run'])} CPU per run; the floor column is W1's "
+                   "floor (4 threads in this process)")
+    samples = rem.get("growth_samples")
+    if samples:
+        half = samples[len(samples) // 2]
+        out.append("Remote growth: daemon RSS in MiB after N runs: " + "; ".join(
+            f"{runs:,}: {mib:.1f}" for runs, mib in samples) + "; over the second half "
+            f"{samples[-1][1] - half[1]:+.1f} MiB")
+        out.append(f"Remote growth runs: one client, {rem['growth_threads']} threads, "
+                   f"{rem['growth_rate']:,.0f} runs/s, {rem['growth_failures']} failed, "
+                   f"{rem['worker_restarts']} worker restarts meanwhile (the daemon recycles a "
+                   "worker after ~10,000 runs by default)")
+    stop = rem.get("stop")
+    if stop:
+        out.append(f"Remote: daemon stopped by {stop['how']} in {ms(stop['seconds'])}, exit "
+                   f"code {stop['returncode']}; section took {rem.get('section_seconds', 0):.0f} s"
+                   + (f"; its processes {stop['outlived']} outlived it" if stop["outlived"]
+                      else "; none of its processes outlived it"))
+    return out
+
+
+def print_report(env: dict[str, Any], res: dict[str, Any], targets: list[Target],
+                 plan: Plan) -> None:
     """The readable table, the targets and the notes."""
     qjs = env["quickjs_ng"]
     print(f"\nIsoBox benchmark ({env['mode']} run, {env['elapsed']:.0f} s)")
@@ -802,7 +1174,7 @@ def print_report(env: dict[str, Any], res: dict[str, Any], targets: list[Target]
     print(f"other processes kept {env['other_cores_busy']:.2f} of {env['cpus']} cores busy on "
           "average during the run" + ("  << figures are skewed by that load"
                                       if env["other_cores_busy"] > 0.25 else ""))
-    rows = build_rows(res)
+    rows = build_rows(res, plan)
     width = max(len(r[0]) for r in rows)
     header = ("metric", "IsoBox", "floor", "IsoBox/floor")
     print(f"\n{header[0]:<{width}}  {header[1]:>12}  {header[2]:>12}  {header[3]:>12}")
@@ -886,6 +1258,7 @@ def run_all(plan: Plan) -> dict[str, Any]:
     guarded(res, "respawn", lambda: bench_respawn(plan, seen))
     guarded(res, "typescript", lambda: bench_typescript(plan))
     guarded(res, "confinement", lambda: bench_confinement(plan))
+    guarded(res, "remote", lambda: bench_remote(plan, seen))
     res["leftover_pids"] = leftovers(seen)
     return res
 
@@ -920,8 +1293,8 @@ def main(argv: list[str] | None = None) -> int:
     env["other_cores_busy"] = max(0.0, (machine_after - machine_before)
                                   - (own_after - own_before)) / env["elapsed"]
     env["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
-    targets = build_targets(res)
-    print_report(env, res, targets)
+    targets = build_targets(res, plan)
+    print_report(env, res, targets, plan)
     if res["leftover_pids"]:
         print(f"\nWARNING: processes left behind after shutdown: {res['leftover_pids']}; "
               "killing them")

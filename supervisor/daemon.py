@@ -20,6 +20,7 @@ import asyncio
 import builtins
 import contextlib
 import dataclasses
+import functools
 import hmac
 import itertools
 import logging
@@ -52,7 +53,8 @@ from isobox.protocol import (
     encode_frame,
 )
 from isobox.supervisor.observe import DaemonMetrics, serve_http
-from isobox.supervisor.pool import Pool, PoolConfig
+from isobox.supervisor.pool import Pool
+from isobox.supervisor.remote_api import RemoteAPI
 from isobox.supervisor.scheduler import FairQueue, QueueFull
 
 __all__ = ["Daemon", "DaemonConfig", "default_socket_path", "parse_listen"]
@@ -95,6 +97,8 @@ class DaemonConfig:
     grace: float = 10.0  # SIGTERM: how long in-flight runs may still finish
     frame_timeout: float = 10.0  # a client that stalls mid-frame (or before HELLO) is dropped
     max_frame: int = MAX_FRAME
+    max_sessions: int = 1_000  # open sessions, all clients together
+    max_client_sessions: int = 100  # open sessions of one client scope
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     confinement: str = "strict"
@@ -107,18 +111,17 @@ class DaemonConfig:
                                  "serve unauthenticated clients over the network")
         if self.workers < 1 or not 0 <= self.min_workers <= self.workers:
             raise ValueError("workers must be >= 1 and min_workers between 0 and workers")
-        for name in ("max_queue", "max_client_queue", "max_client_runs"):
+        for name in ("max_queue", "max_client_queue", "max_client_runs", "max_sessions",
+                     "max_client_sessions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.confinement not in ("strict", "best-effort"):
             raise ValueError("confinement must be 'strict' or 'best-effort'")
 
-    def pool_config(self) -> PoolConfig:
-        """The pool's part of the configuration."""
-        return PoolConfig(min=self.min_workers, max=self.workers,
-                          idle_timeout=self.idle_timeout, max_runs=self.max_runs,
-                          max_queue=self.max_queue,
-                          strict_confinement=self.confinement == "strict")
+    def pool_options(self) -> dict[str, Any]:
+        """The pool's part of the configuration (the ``pool`` option of a box)."""
+        return {"min": self.min_workers, "max": self.workers, "idle_timeout": self.idle_timeout,
+                "max_runs": self.max_runs, "max_queue": self.max_queue}
 
 
 # Every key a RUN body may carry, with the type it must have (see RunSpec).
@@ -128,7 +131,7 @@ _NUM = ("cpu_timeout", "wall_timeout")
 _INT = ("memory_limit", "stack_limit", "max_result", "max_console", "max_error", "max_timers",
         "max_host_calls")
 _DICT = ("files", "require", "filesystem")
-_CONSOLE = ("redirect", "inherit", "ignore")
+_CONSOLE = ("redirect", "inherit", "off")
 
 
 def _field_ok(key: str, value: Any, config: DaemonConfig) -> bool:
@@ -241,6 +244,23 @@ class _Client:
         self.cids = itertools.count(1)
         self.closed = False
         self.decoded: deque[Frame] = deque()  # frames read but not handled yet
+        self.scope = ""  # from HELLO: the namespace of this client's sessions
+        self.credits: dict[int, Credit] = {}  # streams in flight: what the client may take
+
+    def credit_for(self, rid: int, window: int) -> Credit:
+        credit = self.credits[rid] = Credit(window)
+        return credit
+
+    async def host_call(self, rid: int, name: str, args: str) -> str:
+        """Call host function ``name`` in this client; its raw reply."""
+        cid = next(self.cids)
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.calls[cid] = future
+        try:
+            self.send(MsgType.CALL, rid, {"cid": cid, "name": name, "args": args})
+            return await future
+        finally:
+            self.calls.pop(cid, None)
 
     def send(self, msg: MsgType, rid: int, body: dict[str, Any]) -> None:
         if self.closed:
@@ -253,6 +273,28 @@ class _Client:
             self.writer.write(encode_frame(MsgType.ERROR, rid, {"error": failure}))
 
 
+class Credit:
+    """How many stream values a client has room for (it grants more with CREDIT frames)."""
+
+    def __init__(self, window: int) -> None:
+        self.left = window
+        self._room = asyncio.Event()
+        self._room.set()
+
+    async def wait(self) -> None:
+        await self._room.wait()
+
+    def spend(self, n: int) -> None:
+        self.left -= n
+        if self.left <= 0:
+            self._room.clear()
+
+    def grant(self, n: int) -> None:
+        self.left += n
+        if self.left > 0:
+            self._room.set()
+
+
 class _RemoteHost:
     """Host functions of a remote run: each call goes back to the client that sent the run."""
 
@@ -261,14 +303,7 @@ class _RemoteHost:
         self.rid = rid
 
     async def acall(self, name: str, args: str) -> str:
-        cid = next(self.client.cids)
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self.client.calls[cid] = future
-        try:
-            self.client.send(MsgType.CALL, self.rid, {"cid": cid, "name": name, "args": args})
-            return await future
-        finally:
-            self.client.calls.pop(cid, None)
+        return await self.client.host_call(self.rid, name, args)
 
     def call(self, name: str, args: str) -> str:
         raise RuntimeError("remote host calls are answered on the event loop only")
@@ -285,7 +320,17 @@ class Daemon:
         self.config = config
         self._reload = reload
         self.metrics = DaemonMetrics()
-        self.pool = Pool(config.pool_config(), self._on_event)
+        from isobox.api import AsyncIsoBox  # noqa: PLC0415 - the API imports this package
+
+        # Sessions and streams reuse the embedded API: a box over the daemon's one pool.
+        self.box = AsyncIsoBox(pool=config.pool_options(), confinement=config.confinement,
+                               max_sessions=config.max_sessions)
+        if self.box._pool is None:
+            raise RuntimeError("the daemon's box has no pool")
+        self.pool: Pool = self.box._pool
+        for event in ("worker:started", "worker:crashed", "worker:recycled"):
+            self.box.on(event, functools.partial(self._on_event, event))
+        self.api = RemoteAPI(self.box, config.max_client_sessions)
         self.queue: FairQueue[asyncio.Future[None]] = FairQueue(config.max_queue,
                                                                 config.max_client_queue)
         self.dispatch = Dispatcher(config.workers, self.queue)
@@ -298,6 +343,9 @@ class Daemon:
 
     # -- events from the pool --------------------------------------------------------------
     def _on_event(self, name: str, payload: dict[str, Any]) -> None:
+        plain = {k: v for k, v in payload.items() if isinstance(v, (str, int, float, type(None)))}
+        for client in list(self.clients):
+            client.send(MsgType.EVENT, 0, {"name": name, "payload": plain})
         if name == "worker:crashed":
             self.metrics.restarts.labels(str(payload.get("cause") or "crash")).inc()
             log.warning("worker %s crashed (%s)", payload.get("pid"), payload.get("cause"))
@@ -342,7 +390,6 @@ class Daemon:
         """Listen until SIGTERM or SIGINT, then drain; returns the exit code (0)."""
         loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
-        self.pool.start()
         sock = self._bind()
         if sock.family == socket.AF_UNIX:
             self._server = await asyncio.start_unix_server(self._connection, sock=sock,
@@ -369,7 +416,7 @@ class Daemon:
             if http is not None:
                 http[0].shutdown()
                 http[0].server_close()
-            await asyncio.to_thread(self.pool.shutdown, 5.0)
+            await self.box.shutdown(5.0)
             self._unlink()
         log.info("isobox-supervisor %d stopped", os.getpid())
         return 0
@@ -463,6 +510,9 @@ class Daemon:
                 await writer.drain()
                 log.warning("client %s refused: wrong or missing token", peer)
                 return
+            scope = hello.body.get("scope")
+            client.scope = scope if isinstance(scope, str) and 0 < len(scope) <= 256 \
+                else f"client-{client.id}"
             self.clients.add(client)
             client.send(MsgType.WELCOME, 0, {"pid": os.getpid(), "client": client.id,
                                              "version": VERSION})
@@ -516,21 +566,13 @@ class Daemon:
 
     def _dispatch_frame(self, client: _Client, frame: Frame) -> None:
         rid = frame.request_id
-        if frame.type is MsgType.RUN:
-            if rid in client.tasks:
-                raise ProtocolError(f"request id {rid} is already in flight")
-            if len(client.tasks) >= self.config.max_client_runs:
-                client.send(MsgType.ERROR, rid, {"error": {
-                    "type": "DaemonError", "message": f"this client already has "
-                    f"{self.config.max_client_runs} requests in flight"}})
-                self.metrics.finished("rejected", 0.0)
-                return
-            if self._stopping is not None and self._stopping.is_set():
-                client.send(MsgType.ERROR, rid, {"error": {
-                    "type": "DaemonError", "message": "the daemon is shutting down"}})
-                return
-            client.tasks[rid] = asyncio.get_running_loop().create_task(
-                self._run(client, rid, frame.body.get("body"), frame.body.get("priority", 0)))
+        if frame.type in (MsgType.RUN, MsgType.API):
+            self._start(client, frame)
+        elif frame.type is MsgType.CREDIT:
+            credit = client.credits.get(rid)
+            n = frame.body.get("n")
+            if credit is not None and type(n) is int and n > 0:
+                credit.grant(n)
         elif frame.type is MsgType.REPLY:
             cid = frame.body.get("cid")
             future = client.calls.get(cid) if type(cid) is int else None
@@ -546,6 +588,25 @@ class Daemon:
             client.send(MsgType.PONG, rid, {})
         else:
             raise ProtocolError(f"unexpected {frame.type.name} frame from a client")
+
+    def _start(self, client: _Client, frame: Frame) -> None:
+        """Start a RUN or API request as a task of its own (unless a limit refuses it)."""
+        rid = frame.request_id
+        if rid in client.tasks:
+            raise ProtocolError(f"request id {rid} is already in flight")
+        refusal = ""
+        if len(client.tasks) >= self.config.max_client_runs:
+            refusal = f"this client already has {self.config.max_client_runs} requests in flight"
+        elif self._stopping is not None and self._stopping.is_set():
+            refusal = "the daemon is shutting down"
+        if refusal:
+            client.send(MsgType.ERROR, rid, {"error": {"type": "DaemonError",
+                                                        "message": refusal}})
+            self.metrics.finished("rejected", 0.0)
+            return
+        job = (self._run(client, rid, frame.body.get("body"), frame.body.get("priority", 0))
+               if frame.type is MsgType.RUN else self._api(client, rid, frame.body))
+        client.tasks[rid] = asyncio.get_running_loop().create_task(job)
 
     async def _run(self, client: _Client, rid: int, body: Any, priority: Any) -> None:
         started = time.monotonic()
@@ -582,6 +643,24 @@ class Daemon:
             client.tasks.pop(rid, None)
             outcome, kind = outcome_of(reply, error)
             self.metrics.finished(outcome, time.monotonic() - started, kind)
+
+
+    async def _api(self, client: _Client, rid: int, body: dict[str, Any]) -> None:
+        """A stream or a session operation (see :mod:`.remote_api`)."""
+        try:
+            result = await self.api.handle(client, rid, body)
+            client.send(MsgType.RESULT, rid, {"result": result})
+        except IsoBoxError as exc:
+            client.send(MsgType.ERROR, rid, {"error": error_to_dict(exc)})
+        except (TypeError, ValueError) as exc:  # the options did not validate
+            client.send(MsgType.ERROR, rid, {"error": {"type": type(exc).__name__,
+                                                        "message": str(exc)}})
+        except Exception as exc:  # never let one request take the daemon down
+            log.exception("request %d of client %d failed inside the daemon", rid, client.id)
+            client.send(MsgType.ERROR, rid, {"error": {
+                "type": "IsoBoxError", "message": f"the daemon failed: {type(exc).__name__}"}})
+        finally:
+            client.tasks.pop(rid, None)
 
 
 def _clear_stale(path: str) -> None:
