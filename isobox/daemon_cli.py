@@ -25,7 +25,8 @@ __all__ = ["supervisor_main"]
 
 _FIELDS = ("socket", "listen", "workers", "min_workers", "idle_timeout", "max_runs", "max_queue",
            "max_client_queue", "max_client_runs", "max_timeout", "max_memory", "grace",
-           "frame_timeout", "max_sessions", "max_client_sessions", "metrics_port",
+           "frame_timeout", "max_rss", "max_rss_growth", "health_interval", "heartbeat_timeout",
+           "max_sessions", "max_client_sessions", "metrics_port",
            "metrics_host", "confinement")
 
 
@@ -109,6 +110,13 @@ _OPTIONS: list[tuple[str, Any, str]] = [
     ("grace", float, "On SIGTERM/SIGINT, seconds in-flight runs may still finish [10]."),
     ("frame-timeout", float, "Seconds a client may stall inside a frame before it is dropped "
                              "[10]."),
+    ("max-rss", int, "Recycle a worker whose RSS is above this many bytes [off]."),
+    ("max-rss-growth", int, "Recycle a worker whose memory climbs by this many bytes over its "
+                            "last 6 checks [256 MiB]."),
+    ("health-interval", float, "Seconds between health checks (heartbeat, memory) of a worker "
+                               "[5]."),
+    ("heartbeat-timeout", float, "A worker that does not answer a heartbeat within this many "
+                                 "seconds is stuck and is killed [2]."),
     ("max-sessions", int, "Open sessions, all clients together [1000]."),
     ("max-client-sessions", int, "Open sessions of one client (one session scope) [100]."),
     ("metrics-port", int, "Serve Prometheus /metrics and /healthz on this port [off]."),

@@ -15,6 +15,7 @@ from typing import Any
 
 from isobox import values
 from isobox.errors import SerializationError
+from isobox.supervisor.health import HealthConfig
 from isobox.supervisor.pool import PoolConfig
 
 __all__ = ["BoxOptions", "RunRequest", "pool_config"]
@@ -174,14 +175,20 @@ def build_request(code: str, options: BoxOptions, filename: str | None = None,
     return RunRequest(body, options, filename)
 
 
+# Pool options of the leak and health policy -> HealthConfig fields (supervisor/health.py).
+_HEALTH = {"max_rss": "max_rss", "max_rss_growth": "max_growth",
+           "health_interval": "interval", "heartbeat_timeout": "heartbeat_timeout"}
+
+
 def pool_config(pool: Mapping[str, Any] | None) -> PoolConfig:
     """Validate the ``pool`` option (keys: min, max, idle_timeout, max_runs, max_queue)."""
     given = _mapping("pool", pool)
-    allowed = {"min", "max", "idle_timeout", "max_runs", "max_queue", "start_timeout"}
+    allowed = {"min", "max", "idle_timeout", "max_runs", "max_queue", "start_timeout", *_HEALTH}
     unknown = set(given) - allowed
     if unknown:
         raise ValueError(f"unknown pool option(s) {sorted(unknown)}; known: {sorted(allowed)}")
-    config = PoolConfig(**given)
+    health = HealthConfig(**{_HEALTH[k]: given.pop(k) for k in list(given) if k in _HEALTH})
+    config = PoolConfig(**given, health=health)
     if not isinstance(config.min, int) or not isinstance(config.max, int):
         raise TypeError("pool min and max must be int")
     if config.min < 0 or config.max < 1 or config.min > config.max:

@@ -97,6 +97,10 @@ class DaemonConfig:
     grace: float = 10.0  # SIGTERM: how long in-flight runs may still finish
     frame_timeout: float = 10.0  # a client that stalls mid-frame (or before HELLO) is dropped
     max_frame: int = MAX_FRAME
+    max_rss: int | None = None  # a worker above this RSS is recycled (health.py)
+    max_rss_growth: int | None = 256 * 2**20  # a worker whose memory climbs this much is too
+    health_interval: float = 5.0  # idle workers are pinged and measured this often
+    heartbeat_timeout: float = 2.0
     max_sessions: int = 1_000  # open sessions, all clients together
     max_client_sessions: int = 100  # open sessions of one client scope
     metrics_port: int | None = None
@@ -121,7 +125,9 @@ class DaemonConfig:
     def pool_options(self) -> dict[str, Any]:
         """The pool's part of the configuration (the ``pool`` option of a box)."""
         return {"min": self.min_workers, "max": self.workers, "idle_timeout": self.idle_timeout,
-                "max_runs": self.max_runs, "max_queue": self.max_queue}
+                "max_runs": self.max_runs, "max_queue": self.max_queue, "max_rss": self.max_rss,
+                "max_rss_growth": self.max_rss_growth, "health_interval": self.health_interval,
+                "heartbeat_timeout": self.heartbeat_timeout}
 
 
 # Every key a RUN body may carry, with the type it must have (see RunSpec).

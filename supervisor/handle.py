@@ -17,6 +17,7 @@ import time
 from collections import deque
 
 from isobox.protocol import Frame, FrameDecoder
+from isobox.supervisor.health import WorkerHealth
 from isobox.supervisor.zygote import SpawnedWorker, ZygoteClient, signal_worker
 
 __all__ = ["ChannelClosed", "WorkerHandle"]
@@ -52,6 +53,8 @@ class WorkerHandle:
         self.sessions: set[str] = set()  # sessions whose live context this worker holds
         self.drops: deque[str] = deque()  # sessions to free with the next request
         self.confinement: list[str] = []  # the confinement layers the worker applied
+        self.health: WorkerHealth | None = None  # heartbeats and RSS trend (set by the pool)
+        self.retire_after = ""  # why to recycle it once its current run ends ("" = healthy)
         # The worker's CPU seconds when it last replied (None: unknown, as after a stream):
         # the baseline of the next run's CPU watchdog.
         self.cpu_mark: float | None = None

@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from isobox.errors import (
@@ -45,6 +45,7 @@ from isobox.errors import (
 from isobox.protocol import Frame, MsgType, ProtocolError, encode_frame
 from isobox.supervisor import stats
 from isobox.supervisor.handle import ChannelClosed, WorkerHandle
+from isobox.supervisor.health import HealthConfig, WorkerHealth
 from isobox.supervisor.policy import Backoff, CrashLoopBreaker, classify_exit, jittered_max_runs
 from isobox.supervisor.zygote import ZygoteClient
 
@@ -66,6 +67,8 @@ class PoolConfig:
     max_runs: int | None = 10_000
     max_queue: int = 10_000
     start_timeout: float = 10.0
+    # heartbeats, RSS ceiling and growth trend (health.py)
+    health: HealthConfig = field(default_factory=HealthConfig)
     preload_typescript: bool = False  # the fork server loads the TypeScript compiler
     strict_confinement: bool = True  # a worker missing a required layer refuses to start
 
@@ -320,6 +323,10 @@ class Pool:
         # A worker that hosts sessions is not recycled: that would cost them their closures.
         if handle.max_runs is not None and handle.runs >= handle.max_runs and not handle.sessions:
             self._retire(handle, "max_runs reached", expected=True)
+            self._stop_one(handle)
+            return
+        if handle.retire_after:  # found unhealthy while it ran: drained now, so recycled
+            self._retire(handle, handle.retire_after, expected=True)
             self._stop_one(handle)
             return
         self._offer(handle)
@@ -662,6 +669,53 @@ class Pool:
             elif fd in watched:
                 self._exited(watched[fd])
         self._reap_idle()
+        self._check_health()
+
+    def _check_health(self) -> None:
+        """Ping and measure the workers due for a check (health.py decides). An idle one is
+        taken out of the pool while it is checked; a busy one is only measured, and if it
+        must go it is recycled when its run ends (drained first)."""
+        now = time.monotonic()
+        with self._lock:
+            due = [h for h in self._handles.values()
+                   if h.health is not None and h.health.due(now) and h.state in ("idle", "busy")]
+            idle = [h for h in due if h in self._idle]
+            for handle in idle:
+                self._idle.remove(handle)
+                handle.state = "checking"
+        for handle in due:
+            checking = handle in idle
+            if checking and not self._heartbeat(handle):
+                continue
+            sample = stats.sample(handle.pid)
+            health = handle.health
+            verdict = (health.sampled(time.monotonic(), sample.rss, sample.uss)
+                       if sample is not None and health is not None else None)
+            if verdict is not None and handle.sessions and not verdict.startswith("rss "):
+                verdict = None  # sessions grow by design; only the hard ceiling moves them
+            if verdict is not None and not checking:
+                handle.retire_after = verdict
+            elif verdict is not None:
+                log.warning("isobox worker %d recycled: %s", handle.pid, verdict)
+                self._retire(handle, verdict, expected=True)
+                self._stop_one(handle)
+            elif checking:
+                self._offer(handle)
+
+    def _heartbeat(self, handle: WorkerHandle) -> bool:
+        """PING an idle worker; one that does not PONG in time is stuck and is killed."""
+        timeout = self.config.health.heartbeat_timeout
+        try:
+            handle.send(encode_frame(MsgType.PING, 0, {}), time.monotonic() + timeout)
+            frame = handle.recv(time.monotonic() + timeout)
+        except (ChannelClosed, ProtocolError, OSError):
+            frame = None
+        if frame is not None and frame.type is MsgType.PONG:
+            return True
+        reason = f"stuck: no heartbeat answer within {timeout}s"
+        log.warning("isobox worker %d %s", handle.pid, reason)
+        self._kill_and_drop(handle, reason)
+        return False
 
     def _exited(self, handle: WorkerHandle) -> None:
         """A worker's process is gone: if it was idle, classify and replace it now; a busy one
@@ -697,6 +751,8 @@ class Pool:
         try:
             zygote = self._current_zygote()
             handle = WorkerHandle(zygote.spawn(), jittered_max_runs(self.config.max_runs), zygote)
+            handle.health = WorkerHealth(self.config.health)
+            handle.health.checked_at = time.monotonic()
             frame = handle.recv(time.monotonic() + self.config.start_timeout)
             if frame is None or frame.type is not MsgType.READY:
                 raise IsoBoxError("worker did not become READY")
