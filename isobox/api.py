@@ -627,7 +627,8 @@ class _BoxCore:
         timeout = request.options.timeout
         try:
             reply, pid = self._remote.run(request.body, timeout=timeout + _grace(timeout) + 5.0,
-                                          on_output=sink, call=host.call if host else None)
+                                          on_output=sink, call=host.call if host else None,
+                                          priority=request.options.priority)
         except (TimeoutError, WorkerCrashedError) as exc:
             self._failed(exc, started, timeout)
             raise

@@ -77,6 +77,7 @@ class BoxOptions:
     max_error_size: int = 64 * 2**10
     max_timers: int = 1000
     max_host_calls: int = 100_000
+    priority: int = 0  # remote mode: the daemon's queue serves higher priorities first
 
     def __post_init__(self) -> None:
         _positive("timeout", self.timeout)
@@ -87,6 +88,8 @@ class BoxOptions:
         for key, val in _mapping("env", self.env).items():
             if not isinstance(val, str):
                 raise TypeError(f"env values must be str; env[{key!r}] is {type(val).__name__}")
+        if type(self.priority) is not int:
+            raise TypeError(f"priority must be int, not {type(self.priority).__name__}")
         if self.console not in CONSOLE_MODES:
             raise ValueError(f"console must be one of {CONSOLE_MODES}, got {self.console!r}")
         if self.on_output is not None and not callable(self.on_output):
@@ -118,7 +121,7 @@ class BoxOptions:
 
 RUN_OVERRIDES = frozenset({
     "sandbox", "timeout", "cpu_timeout", "memory_limit", "stack_limit", "on_output", "console",
-    "max_timers", "max_host_calls",
+    "max_timers", "max_host_calls", "priority",
 })
 
 

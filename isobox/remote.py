@@ -221,10 +221,14 @@ class RemoteClient:
             self._send(MsgType.CANCEL, rid, {})
 
     def run(self, body: dict[str, Any], *, timeout: float, on_output: OnOutput | None,
-            call: Callable[[str, str], str] | None) -> tuple[dict[str, Any], int | None]:
+            call: Callable[[str, str], str] | None, priority: int = 0
+            ) -> tuple[dict[str, Any], int | None]:
         """One run: the worker's RESULT body and the pid of the worker that ran it."""
-        answer = self.request(MsgType.RUN, {"body": body}, timeout=timeout,
-                              on_output=on_output, call=call)
+        frame: dict[str, Any] = {"body": body}
+        if priority:
+            frame["priority"] = priority
+        answer = self.request(MsgType.RUN, frame, timeout=timeout, on_output=on_output,
+                              call=call)
         reply = answer.get("reply")
         if not isinstance(reply, dict):
             raise DaemonError("the daemon sent a malformed result")

@@ -49,12 +49,13 @@ class _Call:
     def __init__(self, box: _BoxCore, options: dict[str, Any],
                  functions: Mapping[str, Callable[..., Any]] | None) -> None:
         local = {k: v for k, v in options.items()
-                 if (k in WIRE and k != "functions") or k == "on_output"}
+                 if (k in WIRE and k != "functions") or k in ("on_output", "priority")}
         request, host = box._prepare("", local)  # validates, as embedded mode would
         self.host = host.merged(functions).merged(options.get("functions"))
         self.streamed: list[tuple[str, str]] = []
         self.sink = box._output_sink(request, self.streamed)
         self.timeout = request.options.timeout + 1.0 + _SLACK
+        self.priority = request.options.priority
         self.started = time.monotonic()
 
     @property
@@ -75,7 +76,8 @@ def remote_stream(box: _BoxCore, code: str, options: dict[str, Any], window: int
         sent["functions"] = {**box._remote_defaults["functions"], **options["functions"]}
     call = _Call(box, sent, functions)
     body: dict[str, Any] = {"op": "session.stream" if session else "stream", "code": code,
-                            "options": wire_options(sent), "idle_timeout": idle_timeout}
+                            "options": wire_options(sent), "idle_timeout": idle_timeout,
+                            "priority": call.priority}
     if session is not None:
         body["id"] = session
     gap = idle_timeout if idle_timeout is not None else call.timeout
@@ -125,8 +127,8 @@ class RemoteSession(Session):
         remote = self._core._remote
         if remote is None:
             raise RuntimeError("not a remote box")
-        return remote.api({"id": self._id, **body}, timeout=call.timeout, on_output=call.sink,
-                          call=call.call)
+        return remote.api({"id": self._id, "priority": call.priority, **body},
+                          timeout=call.timeout, on_output=call.sink, call=call.call)
 
     def _plain(self, op: str, **body: Any) -> Any:
         return self._api({"op": f"session.{op}", **body}, _Call(self._core, {}, None))

@@ -652,9 +652,25 @@ class Daemon:
 
 
     async def _api(self, client: _Client, rid: int, body: dict[str, Any]) -> None:
-        """A stream or a session operation (see :mod:`.remote_api`)."""
+        """A stream or a session operation (see :mod:`.remote_api`); those that need a worker
+        wait for it in the same fair queue as runs."""
+        started = time.monotonic()
+        slot = body.get("op") in _WORKER_OPS
         try:
-            result = await self.api.handle(client, rid, body)
+            if slot:
+                options = body.get("options")
+                timeout = options.get("timeout") if isinstance(options, dict) else None
+                wait = self.config.max_timeout
+                if isinstance(timeout, (int, float)) and 0 < timeout < wait:
+                    wait = float(timeout)
+                priority = body.get("priority", 0)
+                await self.dispatch.acquire(client.id, priority if type(priority) is int else 0,
+                                            started + wait)
+            try:
+                result = await self.api.handle(client, rid, body)
+            finally:
+                if slot:
+                    self.dispatch.release()
             client.send(MsgType.RESULT, rid, {"result": result})
         except IsoBoxError as exc:
             client.send(MsgType.ERROR, rid, {"error": error_to_dict(exc)})
@@ -667,6 +683,11 @@ class Daemon:
                 "type": "IsoBoxError", "message": f"the daemon failed: {type(exc).__name__}"}})
         finally:
             client.tasks.pop(rid, None)
+
+
+# API operations that occupy a worker (the others only touch the daemon's bookkeeping).
+_WORKER_OPS = frozenset({"stream", "session.execute", "session.project", "session.stream",
+                         "session.get_state", "session.set_state"})
 
 
 def _clear_stale(path: str) -> None:
