@@ -1275,7 +1275,7 @@ def busy_cpu_seconds() -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--quick", action="store_true", help="few repetitions (about 10 s)")
+    parser.add_argument("--quick", action="store_true", help="few repetitions (about 20 s)")
     parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL

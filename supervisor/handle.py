@@ -125,6 +125,16 @@ class WorkerHandle:
         self._frames.extend(self.decoder.feed(self._view[:size]))
 
     # -- async IO --------------------------------------------------------------------------
+    def try_send(self, data: bytes) -> int:
+        """Send what the socket takes now without waiting (a request frame usually fits
+        whole); returns how many bytes went."""
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            return 0
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise ChannelClosed(str(exc)) from exc
+
     async def asend(self, data: bytes) -> None:
         """Write a whole frame from the event loop."""
         loop = asyncio.get_running_loop()

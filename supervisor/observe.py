@@ -41,12 +41,14 @@ class DaemonMetrics:
                                  registry=r)
         self.clients = Gauge("isobox_clients", "Connected clients", registry=r)
         self.sessions = Gauge("isobox_sessions", "Open sessions", registry=r)
-        for outcome in OUTCOMES:
-            self.executions.labels(outcome)  # every series exists from the start, at zero
+        # Every series exists from the start, at zero; the children are kept (labels() is a
+        # lookup under a lock, on every run otherwise).
+        self._by_outcome = {outcome: self.executions.labels(outcome) for outcome in OUTCOMES}
 
     def finished(self, outcome: str, seconds: float, timeout_kind: str = "") -> None:
         """Count one finished run."""
-        self.executions.labels(outcome).inc()
+        child = self._by_outcome.get(outcome)
+        (child or self.executions.labels(outcome)).inc()
         self.duration.observe(seconds)
         if outcome == "timeout":
             self.timeouts.labels(timeout_kind or "wall").inc()

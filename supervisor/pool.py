@@ -442,8 +442,10 @@ class Pool:
             handle.run_cpu_base, handle.cpu_mark = (handle.cpu_mark if what == "run" else None,
                                                     None)
             try:
-                async with asyncio.timeout_at(_loop_time(kill_at)):
-                    await handle.asend(frame)
+                sent = handle.try_send(frame)  # the usual case: no wait, no timer
+                if sent < len(frame):
+                    async with asyncio.timeout_at(_loop_time(kill_at)):
+                        await handle.asend(frame[sent:])
             except BaseException as exc:
                 failure = self._send_failure(handle, exc, want=want, what=what,
                                              last=attempt == 2 or not retry, verb="cancelled")
@@ -553,7 +555,7 @@ class Pool:
                                  on_output: OnOutput | None, host: HostCaller | None, *,
                                  watch: CpuWatch | None = None) -> dict[str, Any]:
         calls = AsyncCalls(handle, rid, host)
-        watcher = asyncio.ensure_future(watch.kill_when_exceeded()) if watch else None
+        watcher = watch.schedule(asyncio.get_running_loop()) if watch else None
         try:
             async with asyncio.timeout_at(_loop_time(kill_at)):
                 while True:
@@ -886,14 +888,34 @@ class CpuWatch:
         used = self.handle.cpu_seconds()
         return used is not None and used - self.base > self.limit
 
-    async def kill_when_exceeded(self) -> None:
-        """The asyncio form: kill the worker (the reader then sees its channel close)."""
-        while True:
-            await asyncio.sleep(max(0.0, self.check_at - time.monotonic()))
+    def schedule(self, loop: asyncio.AbstractEventLoop) -> _Rearm:
+        """The asyncio form: a timer on ``loop`` (no task per run) that looks when the budget
+        could be spent and kills the worker past it (the reader then sees its channel
+        close). Cancel the returned handle when the run ends."""
+        rearm = _Rearm()
+
+        def look() -> None:
             if self.exceeded():
                 self.killed = True
                 self.handle.kill("killed by the watchdog past the run's CPU budget")
-                return
+            else:
+                rearm.timer = loop.call_later(max(0.0, self.check_at - time.monotonic()), look)
+
+        rearm.timer = loop.call_later(max(0.0, self.check_at - time.monotonic()), look)
+        return rearm
+
+
+class _Rearm:
+    """The current timer of a :meth:`CpuWatch.schedule` (it re-arms itself)."""
+
+    __slots__ = ("timer",)
+
+    def __init__(self) -> None:
+        self.timer: asyncio.TimerHandle | None = None
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
 
 
 def read_reply(frame: Frame, request_id: int, on_output: OnOutput | None) -> dict[str, Any] | None:
