@@ -368,6 +368,7 @@ class Daemon:
         return {"pid": os.getpid(), "uptime": time.time() - self.started, "runs": self.runs,
                 "clients": len(self.clients), "queued": len(self.queue),
                 "restarts": self.pool.restarts, "workers": rows,
+                "sessions": len(self.box._sessions),
                 "confinement_error": self.pool.confinement_error,
                 "address": self.address}
 
@@ -383,6 +384,7 @@ class Daemon:
         self.metrics.set_workers(str(r["state"]) for r in rows)
         self.metrics.queue_depth.set(len(self.queue))
         self.metrics.clients.set(len(self.clients))
+        self.metrics.sessions.set(len(self.box._sessions))
 
     def _health(self) -> tuple[bool, str]:
         if self._stopping is not None and self._stopping.is_set():

@@ -265,3 +265,68 @@ def test_priority_within_one_client(start_daemon: Any) -> None:
     order = _finish_order(daemon, {"same_client": True, "run": {"priority": 5}})
     assert len(order) == 7
     assert order.index("late") <= 2, order
+
+
+# -- a client killed mid-stream, the soak ---------------------------------------------------------
+def test_client_killed_mid_stream_frees_the_worker(start_daemon: Any) -> None:
+    """A client process killed (SIGKILL) while it consumes an infinite stream: the daemon
+    cancels the stream, the worker is freed (or replaced), and other clients are served."""
+    daemon = start_daemon("--workers", "1", "--min-workers", "1", defaults=False)
+    code = (
+        "import isobox\n"
+        f"box = isobox.IsoBox(address={daemon.address!r}, timeout=120)\n"
+        "for i, v in enumerate(box.run_stream('let i = 0; while (true) yield i++', window=4)):\n"
+        "    if i == 3:\n"
+        "        print('streaming', flush=True)\n"
+        "    if i > 3:\n"
+        "        import time; time.sleep(0.01)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "streaming"
+        assert daemon.busy_workers()
+        proc.kill()
+        proc.wait(10)
+        assert wait_until(lambda: not daemon.busy_workers() and daemon.stats()["clients"] <= 1,
+                          10)
+        assert daemon.box(timeout=10).run("'served'") == "served"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_soak_daemon_rss_stays_flat(start_daemon: Any) -> None:
+    """20,000 runs from 4 threads: every one succeeds and the daemon's own RSS grows by less
+    than 16 MiB (the benchmark's 100,000-run figure is in the README)."""
+    import threading  # noqa: PLC0415
+
+    import psutil  # noqa: PLC0415
+
+    daemon = start_daemon("--workers", "2", "--min-workers", "2", defaults=False)
+    box = daemon.box(timeout=30)
+    for _ in range(200):
+        box.run("1 + 2")
+    proc = psutil.Process(daemon.pid)
+    before = proc.memory_info().rss
+    failures: list[BaseException] = []
+
+    def work() -> None:
+        for i in range(5000):
+            try:
+                assert box.run(f"{i} + 1") == i + 1
+            except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+                failures.append(exc)
+                return
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(170)
+    after = proc.memory_info().rss
+    print(f"daemon RSS {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB over 20,000 runs")
+    assert not failures, failures[:3]
+    assert after - before < 16 * 2**20
