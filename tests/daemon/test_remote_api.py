@@ -10,9 +10,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
+import psutil
 import pytest
 from daemon_helpers import Daemon, wait_until
 
@@ -226,8 +228,6 @@ def _finish_order(daemon: Daemon, late: dict[str, Any]) -> list[str]:
     """Client A queues 6 slow runs on a 1-worker daemon; then ``late`` (box options and run
     options of one more run, on its own connection unless told) is sent. Returns the tags in
     the order the runs finished."""
-    import threading  # noqa: PLC0415
-
     order: list[str] = []
     lock = threading.Lock()
     first = daemon.box(timeout=30)
@@ -301,10 +301,6 @@ def test_client_killed_mid_stream_frees_the_worker(start_daemon: Any) -> None:
 def test_soak_daemon_rss_stays_flat(start_daemon: Any) -> None:
     """20,000 runs from 4 threads: every one succeeds and the daemon's own RSS grows by less
     than 16 MiB (the benchmark's 100,000-run figure is in the README)."""
-    import threading  # noqa: PLC0415
-
-    import psutil  # noqa: PLC0415
-
     daemon = start_daemon("--workers", "2", "--min-workers", "2", defaults=False)
     box = daemon.box(timeout=30)
     for _ in range(200):
@@ -317,7 +313,7 @@ def test_soak_daemon_rss_stays_flat(start_daemon: Any) -> None:
         for i in range(5000):
             try:
                 assert box.run(f"{i} + 1") == i + 1
-            except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            except BaseException as exc:
                 failures.append(exc)
                 return
 
