@@ -23,6 +23,7 @@ from isobox.errors import (
 
 if TYPE_CHECKING:
     from isobox.api import AsyncIsoBox, IsoBox
+    from isobox.batch import BatchItem
     from isobox.results import (
         CodeValidation,
         ExecutionMetrics,
@@ -39,6 +40,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncIsoBox",
     "AsyncSession",
+    "BatchItem",
     "ClosedError",
     "CodeValidation",
     "CompileError",
@@ -62,6 +64,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "BatchItem": "isobox.batch",
     "IsoBox": "isobox.api",
     "AsyncIsoBox": "isobox.api",
     "Session": "isobox.sessions",

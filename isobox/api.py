@@ -26,10 +26,19 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Callable, Generator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from typing import Any
 
 from isobox import values
+from isobox.batch import BatchItem, MapPlan, map_async, map_sync
 from isobox.errors import (
     ClosedError,
     CompileError,
@@ -133,6 +142,11 @@ def _remote_options(mode: str, pool: Mapping[str, Any] | None, address: str | No
                          "isobox-supervisor --workers")
     parse_address(address)
     return found
+
+
+def _validation_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The run options that matter for parsing the code once (its language and file name)."""
+    return {k: v for k, v in options.items() if k in ("filename", "language", "timeout")}
 
 
 def _grace(timeout: float) -> float:
@@ -617,6 +631,19 @@ class _BoxCore:
                      int(reply.get("memory", 0)), error, pid)
         return error
 
+    def _map_plan(self, code: str, options: dict[str, Any], *, retries: int, ordered: bool,
+                  chunk_size: int, window: int | None) -> MapPlan:
+        """Check a ``map`` call's options now (not at its first item)."""
+        if self._closed:
+            raise ClosedError("the box was shut down")
+        sandbox = options.pop("sandbox", None)
+        self._prepare("", dict(options))  # the run options, as run would check them
+        if window is None:
+            workers = self._pool.config.max if self._pool is not None else 4
+            window = max(2, 2 * workers)
+        return MapPlan(code, retries=retries, ordered=bool(ordered), chunk_size=chunk_size,
+                       window=window, sandbox=dict(sandbox) if sandbox else None)
+
     def _remote_send(self, request: RunRequest, host: HostFunctions,
                      session: SessionState | None, *, sink: Any, started: float,
                      streamed: list[tuple[str, str]]
@@ -912,6 +939,28 @@ class IsoBox(_BoxCore):
             raise error
 
     # -- sessions --------------------------------------------------------------------------
+    def map(self, code: str, inputs: Iterable[Any], *, retries: int = 2, ordered: bool = True,
+            chunk_size: int = 64, window: int | None = None,
+            **options: Any) -> Iterator[BatchItem]:
+        """Run ``code`` once per input (the global ``input``); yields a :class:`BatchItem` per
+        input as results finish (in input order if ``ordered``). See README: Batch jobs."""
+        plan = self._map_plan(code, options, retries=retries, ordered=ordered,
+                              chunk_size=chunk_size, window=window)
+        return self._map(plan, inputs, options)
+
+    def _map(self, plan: MapPlan, inputs: Iterable[Any],
+             options: dict[str, Any]) -> Iterator[BatchItem]:
+        check = self.validate_code(plan.code, **_validation_options(options))
+        if not check.valid:
+            for index, _ in enumerate(inputs):
+                yield BatchItem(index, False, error=check.error)
+            return
+
+        def execute(code: str, sandbox: dict[str, Any]) -> ExecutionResult:
+            return self.execute(code, **options, sandbox=sandbox)
+
+        yield from map_sync(plan, inputs, execute, threads=plan.window)
+
     def create_session(self, session_id: str, *, ttl: float | None = 600.0,
                        **options: Any) -> Session:
         """A new session: one live context, kept between runs (see README: Sessions)."""
@@ -1179,6 +1228,29 @@ class AsyncIsoBox(_BoxCore):
             raise error
 
     # -- sessions --------------------------------------------------------------------------
+    def map(self, code: str, inputs: Iterable[Any], *, retries: int = 2, ordered: bool = True,
+            chunk_size: int = 64, window: int | None = None,
+            **options: Any) -> AsyncIterator[BatchItem]:
+        """Run ``code`` once per input; an async iterator of :class:`BatchItem` (see
+        :meth:`IsoBox.map`)."""
+        plan = self._map_plan(code, options, retries=retries, ordered=ordered,
+                              chunk_size=chunk_size, window=window)
+        return self._map(plan, inputs, options)
+
+    async def _map(self, plan: MapPlan, inputs: Iterable[Any],
+                   options: dict[str, Any]) -> AsyncIterator[BatchItem]:
+        check = await self.validate_code(plan.code, **_validation_options(options))
+        if not check.valid:
+            for index, _ in enumerate(inputs):
+                yield BatchItem(index, False, error=check.error)
+            return
+
+        async def execute(code: str, sandbox: dict[str, Any]) -> ExecutionResult:
+            return await self.execute(code, **options, sandbox=sandbox)
+
+        async for item in map_async(plan, inputs, execute):
+            yield item
+
     async def create_session(self, session_id: str, *, ttl: float | None = 600.0,
                              **options: Any) -> AsyncSession:
         """A new session: one live context, kept between runs (see README: Sessions)."""

@@ -148,6 +148,15 @@ def run_command(  # noqa: PLR0917 - click passes one argument per option
     click.echo(_to_json(value))
 
 
+def _register() -> None:
+    from isobox.batch_cli import batch_command  # noqa: PLC0415 - light until the group loads
+
+    main.add_command(batch_command)
+
+
+_register()
+
+
 @main.command("status")
 @click.option("--address", envvar="ISOBOX_ADDRESS", default=None,
               help="The daemon: unix:///path or tcp://host:port (default: the default socket; "

@@ -16,7 +16,7 @@ import isobox
 from isobox import AsyncIsoBox, IsoBox
 
 PUBLIC = {
-    "AsyncIsoBox", "ClosedError", "DaemonError", "CodeValidation", "CompileError", "ExecutionMetrics",
+    "AsyncIsoBox", "BatchItem", "ClosedError", "DaemonError", "CodeValidation", "CompileError", "ExecutionMetrics",
     "ExecutionResult", "GlobalMetrics", "IsoBox", "IsoBoxError", "MemoryLimitError",
     "PoolStats", "ScriptError", "SecurityError", "SerializationError", "SessionError",
     "TimeoutError", "WorkerCrashedError", "WorkerStats", "Session", "AsyncSession", "SessionInfo",

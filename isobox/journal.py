@@ -1,0 +1,128 @@
+"""The crash-resilient output of ``isobox batch``: result lines plus a SQLite journal.
+
+The output file is the record of what is done; the journal (``OUT.journal``, SQLite in WAL
+mode) makes resuming cheap and safe:
+
+- Every line is written whole (one ``write`` of ``...\\n``). Now and then the output is flushed
+  and fsynced, and only then does one journal transaction add the indices written since the
+  last one and the output's size at that point (the checkpoint).
+- On ``--resume``, lines up to the checkpoint are trusted through the journal; the few lines
+  after it are read back from the output (they were written, perhaps not journaled) and a torn
+  last line is cut off. Every index then appears exactly once, and only the items that were in
+  flight when the process died run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+__all__ = ["Journal", "JournalMismatch"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS done (idx INTEGER PRIMARY KEY);
+"""
+
+
+class JournalMismatch(Exception):
+    """The journal belongs to another job (another script or input), or is missing."""
+
+
+def fingerprint(script: str, input_path: str, fmt: str) -> str:
+    """What identifies a job: the script's text, the input's path and the output format."""
+    digest = hashlib.sha256(script.encode("utf-8", "surrogatepass")).hexdigest()
+    return json.dumps({"script": digest, "input": os.path.abspath(input_path), "format": fmt})
+
+
+class Journal:
+    """The journal of one output file."""
+
+    def __init__(self, output: Path, job: str, *, resume: bool) -> None:
+        self.path = output.with_name(output.name + ".journal")
+        if resume and not self.path.exists():
+            raise JournalMismatch(f"--resume: no journal {self.path} (nothing to resume)")
+        self.db = sqlite3.connect(self.path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(_SCHEMA)
+        found = self._meta("job")
+        if resume:
+            if found != job:
+                raise JournalMismatch("--resume: the journal was written for another script, "
+                                      "input or format")
+        else:
+            self.db.execute("BEGIN")
+            self.db.execute("DELETE FROM done")
+            self.db.execute("DELETE FROM meta")
+            self.db.execute("INSERT INTO meta VALUES ('job', ?), ('offset', '0')", (job,))
+            self.db.execute("COMMIT")
+        self.pending: list[int] = []
+        self.last_commit = time.monotonic()
+
+    def _meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return str(row[0]) if row else None
+
+    @property
+    def offset(self) -> int:
+        """Output bytes known to be complete (journaled)."""
+        return int(self._meta("offset") or 0)
+
+    def done(self) -> set[int]:
+        """Indices journaled as done."""
+        return {int(row[0]) for row in self.db.execute("SELECT idx FROM done")}
+
+    def recover(self, out: Path, index_of: Callable[[bytes], int | None]) -> set[int]:
+        """Indices done (journal plus the lines written after its checkpoint); cuts a torn
+        last line off the output and journals what it found."""
+        done = self.done()
+        if not out.exists():
+            return done
+        offset = self.offset
+        with out.open("r+b") as fh:
+            fh.seek(offset)
+            tail = fh.read()
+            keep = tail.rfind(b"\n") + 1  # 0 if no complete line follows the checkpoint
+            for line in tail[:keep].splitlines():
+                index = index_of(line)
+                if index is not None:
+                    done.add(index)
+                    self.pending.append(index)
+            fh.truncate(offset + keep)
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.commit(offset + keep)
+        return done
+
+    def add(self, index: int) -> None:
+        self.pending.append(index)
+
+    def due(self, every: float = 0.5, batch: int = 5000) -> bool:
+        """Whether it is time to checkpoint."""
+        return len(self.pending) >= batch or (
+            bool(self.pending) and time.monotonic() - self.last_commit >= every)
+
+    def checkpoint(self, fh: IO[bytes]) -> None:
+        """Flush and fsync the output, then journal what it holds."""
+        fh.flush()
+        os.fsync(fh.fileno())
+        self.commit(fh.tell())
+
+    def commit(self, offset: int) -> None:
+        self.db.execute("BEGIN")
+        self.db.executemany("INSERT OR IGNORE INTO done VALUES (?)",
+                            ((i,) for i in self.pending))
+        self.db.execute("UPDATE meta SET value = ? WHERE key = 'offset'", (str(offset),))
+        self.db.execute("COMMIT")
+        self.pending = []
+        self.last_commit = time.monotonic()
+
+    def close(self) -> None:
+        self.db.close()
