@@ -59,7 +59,7 @@ def test_sync_and_async_twins_mirror_each_other(sync_cls: type, async_cls: type)
     for name, method in sync.items():
         params = list(inspect.signature(method).parameters.values())
         assert params == list(inspect.signature(asyn[name]).parameters.values()), name
-        if name not in ("on", "off", "get_metrics", "get_history", "run_stream"):
+        if name not in ("on", "off", "get_metrics", "get_history", "run_stream", "map"):
             assert inspect.iscoroutinefunction(asyn[name]), name
 
 
