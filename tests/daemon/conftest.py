@@ -4,13 +4,11 @@ check that none of their processes (fork server, workers) outlives them."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_helpers import Daemon, base_env, no_new_processes
-
-StartDaemon = Callable[..., Daemon]
+from daemon_helpers import Daemon, StartDaemon, base_env, no_new_processes
 
 
 def _short_dir(path: Path) -> Path:
@@ -25,12 +23,13 @@ def _factory(workdir: Path, made: list[Daemon]) -> StartDaemon:
     def start(*args: str, env: dict[str, str] | None = None, ready: bool = True,
               socket_name: str = "d.sock", token: str | None = None,
               tcp: tuple[str, int] | None = None, defaults: bool = True,
-              **env_extra: str) -> Daemon:
+              at: str | None = None, **env_extra: str) -> Daemon:
         """Start ``isobox-supervisor ARGS`` on a socket in this test's folder (unless ARGS
-        name --listen or --socket); ``defaults`` adds --workers 2 --grace 2."""
+        name --listen or --socket, or ``at`` names where it listens by default);
+        ``defaults`` adds --workers 2 --grace 2 unless ARGS set them."""
         argv = list(args)
-        path = None
-        if tcp is None and "--socket" not in argv and "--listen" not in argv:
+        path = at
+        if at is None and tcp is None and "--socket" not in argv and "--listen" not in argv:
             path = str(workdir / socket_name)
             argv = ["--socket", path, *argv]
         elif "--socket" in argv:

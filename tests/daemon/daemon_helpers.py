@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import os
 import signal
 import socket
@@ -24,13 +25,13 @@ import psutil
 
 from isobox import IsoBox
 from isobox.protocol import Frame, FrameDecoder, MsgType, encode_frame
-from isobox.remote import RemoteClient
 
 BIN = Path(sys.executable).parent
 SUPERVISOR = str(BIN / "isobox-supervisor")
 ISOBOX_CLI = str(BIN / "isobox")
 READY = "isobox-supervisor listening on "
 PR_SET_CHILD_SUBREAPER = 36
+StartDaemon = Callable[..., "Daemon"]  # the start_daemon fixture
 
 
 def wait_until(pred: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> bool:
@@ -58,11 +59,17 @@ def gone(proc: psutil.Process) -> bool:
         return True
 
 
+_subreaper_users = 0
+_numbers = itertools.count(1)
+
+
 def set_subreaper(on: bool) -> None:
     """Make this process adopt its orphaned descendants (so a fork server whose daemon died is
-    still found among our descendants, not lost to init)."""
+    still found among our descendants, not lost to init); nested uses are counted."""
+    global _subreaper_users  # noqa: PLW0603 - one process-wide setting
+    _subreaper_users += 1 if on else -1
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, int(_subreaper_users > 0), 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
@@ -103,14 +110,15 @@ class Daemon:
         self.socket_path = socket_path
         self.token = token
         self.tcp = tcp
-        self.log_path = workdir / f"daemon-{id(self)}.log"
+        self.log_path = workdir / f"daemon-{next(_numbers)}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.seen: dict[tuple[int, float], psutil.Process] = {}
         self.boxes: list[Any] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, *, ready: bool = True, timeout: float = 15.0) -> Daemon:
-        """Start the process; with ``ready``, wait for its "listening on" line."""
+        """Start the process; with ``ready``, wait for its "listening on" line and for its
+        pool's first workers (so tests connect to a settled daemon)."""
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen([SUPERVISOR, *self.args], stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=log, env=self.env,
@@ -121,6 +129,7 @@ class Daemon:
             if not ok or READY not in self.log():
                 raise AssertionError(f"the daemon did not start (exit {self.proc.poll()}):\n"
                                      f"{self.log()}")
+            self.settled()
             self.track()
         return self
 
@@ -217,12 +226,29 @@ class Daemon:
         return box
 
     def stats(self) -> dict[str, Any]:
-        """The daemon's figures, over a connection of its own."""
-        client = RemoteClient(self.address, self.token)
+        """The daemon's figures, over a raw connection of its own (STATS, as `isobox status`
+        sends it; a raw reader, so worker events around the handshake cannot upset it)."""
+        raw = self.raw()
         try:
-            return client.stats()
+            welcome = raw.hello(self.token or "")
+            assert welcome.type is MsgType.WELCOME, welcome
+            raw.frame(MsgType.STATS, 1, {})
+            answer = raw.answer(1)
+            assert answer.type is MsgType.RESULT, answer
+            stats: dict[str, Any] = answer.body["stats"]
+            return stats
         finally:
-            client.close()
+            raw.close()
+
+    def settled(self, workers: int | None = None, timeout: float = 10.0) -> None:
+        """Wait until the pool has ``workers`` (default: --min-workers, else 1) serving
+        workers, so no worker is starting while a test connects."""
+        if workers is None:
+            workers = int(self.args[self.args.index("--min-workers") + 1]) \
+                if "--min-workers" in self.args else 1
+        ok = wait_until(lambda: sum(w["state"] in ("idle", "busy")
+                                    for w in self.stats()["workers"]) >= workers, timeout)
+        assert ok, f"the pool did not reach {workers} workers: {self.stats()['workers']}"
 
     def busy_workers(self) -> list[int]:
         """Pids of the workers running something now."""
@@ -255,11 +281,25 @@ class Raw:
         self.send(encode_frame(msg, rid, body))
 
     def hello(self, token: str = "") -> Frame:
-        """Say HELLO; return the daemon's answer (WELCOME or ERROR)."""
+        """Say HELLO; return the daemon's answer (WELCOME or ERROR; worker events skipped)."""
         self.frame(MsgType.HELLO, 0, {"token": token})
-        frame = self.read()
-        assert frame is not None, "the daemon closed the connection instead of answering"
-        return frame
+        while True:
+            frame = self.read()
+            assert frame is not None, "the daemon closed the connection instead of answering"
+            if frame.type is not MsgType.EVENT:
+                return frame
+
+    def answer(self, rid: int, *kinds: MsgType, timeout: float = 10.0) -> Frame:
+        """The next frame of ``kinds`` (default RESULT or ERROR) for request ``rid``, skipping
+        worker events and frames of other requests."""
+        wanted = kinds or (MsgType.RESULT, MsgType.ERROR)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            frame = self.read(max(0.1, end - time.monotonic()))
+            assert frame is not None, "the daemon dropped a connection it should have kept"
+            if frame.request_id == rid and frame.type in wanted:
+                return frame
+        raise AssertionError(f"no answer to request {rid} within {timeout}s")
 
     def read(self, timeout: float = 10.0) -> Frame | None:
         """The next frame, or None when the daemon closed the connection."""
@@ -367,8 +407,16 @@ def no_new_processes(timeout: float = 5.0) -> Iterator[None]:
                             left.append(proc)
                 return left
 
+            # Only processes that were not our own children can be orphans we adopted; our
+            # own children belong to their Popen objects, which reap them.
+            me = os.getpid()
+            grandchildren = []
+            for proc in descendants().values():
+                with contextlib.suppress(psutil.Error):
+                    if proc.ppid() != me:
+                        grandchildren.append(proc)
             wait_until(lambda: not fresh(), timeout, interval=0.05)
-            reap_zombies(list(descendants().values()))
+            reap_zombies(grandchildren)
             left = fresh()
             names = []
             for proc in left:
