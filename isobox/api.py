@@ -646,7 +646,7 @@ class _BoxCore:
 
     def _remote_send(self, request: RunRequest, host: HostFunctions,
                      session: SessionState | None, *, sink: Any, started: float,
-                     streamed: list[tuple[str, str]]
+                     streamed: list[tuple[str, str]], ticket: list[int] | None = None
                      ) -> tuple[dict[str, Any], int | None, float, list[tuple[str, str]]]:
         """One run through the daemon (remote mode): the same reply a local worker gives."""
         if self._remote is None or session is not None:
@@ -655,7 +655,8 @@ class _BoxCore:
         try:
             reply, pid = self._remote.run(request.body, timeout=timeout + _grace(timeout) + 5.0,
                                           on_output=sink, call=host.call if host else None,
-                                          priority=request.options.priority)
+                                          priority=request.options.priority,
+                                          on_rid=ticket.append if ticket is not None else None)
         except (TimeoutError, WorkerCrashedError) as exc:
             self._failed(exc, started, timeout)
             raise
@@ -1077,8 +1078,15 @@ class AsyncIsoBox(_BoxCore):
         sink = self._output_sink(request, streamed)
         generation = session.generation if session is not None else 0
         if self._remote is not None:
-            return await asyncio.to_thread(self._remote_send, request, host, session,
-                                           sink=sink, started=started, streamed=streamed)
+            ticket: list[int] = []  # the request's id, to cancel it in the daemon
+            try:
+                return await asyncio.to_thread(self._remote_send, request, host, session,
+                                               sink=sink, started=started, streamed=streamed,
+                                               ticket=ticket)
+            except asyncio.CancelledError:
+                if ticket:
+                    self._remote.abandon(ticket[0])
+                raise
         if self._pool is None:
             reply = await asyncio.to_thread(self._inprocess_reply, request, sink, host,
                                             session, op)

@@ -141,7 +141,7 @@ class FrameDecoder:
     """Incremental decoder: :meth:`feed` bytes, get whole frames back."""
 
     def __init__(self, *, max_frame: int = MAX_FRAME) -> None:
-        self._max_frame = max_frame
+        self.max_frame = max_frame  # may be raised later (the daemon, after authentication)
         self._buffer = bytearray()
         self._dead: str | None = None
 
@@ -164,7 +164,7 @@ class FrameDecoder:
         try:
             while len(self._buffer) >= _HEADER.size:
                 (length,) = _HEADER.unpack_from(self._buffer)
-                if length > self._max_frame:
+                if length > self.max_frame:
                     raise ProtocolError(f"frame of {length} bytes exceeds the cap")
                 end = _HEADER.size + length
                 if len(self._buffer) < end:

@@ -29,6 +29,7 @@ __all__ = ["RemoteClient", "parse_address"]
 
 OnOutput = Callable[[list[tuple[str, str]]], None]
 _GONE = object()  # put in every waiting queue when the connection drops
+_ABANDONED = object()  # put in a request's queue when its caller gave up
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +103,7 @@ class RemoteClient:
         try:
             sock.sendall(encode_frame(MsgType.HELLO, 0, {"token": self.token or "",
                                                           "scope": self.scope}))
-            welcome = _read_one(sock, decoder)
+            welcome, early = _handshake(sock, decoder)
         except (OSError, ProtocolError) as exc:
             sock.close()
             raise DaemonError(f"the daemon at {self.address} did not answer: {exc}") from None
@@ -113,6 +114,9 @@ class RemoteClient:
                 raise DaemonError(str(error.get("message", "refused")))
             raise DaemonError(f"the daemon at {self.address} refused the connection")
         self.daemon_pid = int(welcome.body.get("pid", 0))
+        for frame in early:  # events that came in the same read as WELCOME
+            if frame.type is MsgType.EVENT:
+                self._event(frame)
         sock.settimeout(None)
         self._sock = sock
         threading.Thread(target=self._reader, args=(sock, decoder), daemon=True,
@@ -171,12 +175,16 @@ class RemoteClient:
     # -- requests --------------------------------------------------------------------------
     def request(self, msg: MsgType, body: dict[str, Any], *, timeout: float,
                 on_output: OnOutput | None = None,
-                call: Callable[[str, str], str] | None = None) -> dict[str, Any]:
+                call: Callable[[str, str], str] | None = None,
+                on_rid: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Send one request and wait for its RESULT body (an ERROR raises its typed error).
-        ``timeout`` bounds the wait; the daemon's own watchdog answers well before it."""
+        ``timeout`` bounds the wait; the daemon's own watchdog answers well before it.
+        ``on_rid`` learns the request's id (to :meth:`abandon` it from another thread)."""
         rid = next(self._rids)
         waiter: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._waiting[rid] = waiter
+        if on_rid is not None:
+            on_rid(rid)
         try:
             self._send(msg, rid, body)
             deadline = time.monotonic() + timeout
@@ -190,6 +198,8 @@ class RemoteClient:
                 if item is _GONE:
                     raise DaemonError(f"the connection to the daemon at {self.address} was "
                                       "lost during the request; the daemon cancels its work")
+                if item is _ABANDONED:
+                    raise DaemonError("the request was cancelled")
                 frame: Frame = item
                 if frame.type is MsgType.RESULT:
                     return frame.body
@@ -216,19 +226,27 @@ class RemoteClient:
             reply = call(str(name), str(args))
         self._send(MsgType.REPLY, rid, {"cid": cid, "reply": reply})
 
+    def abandon(self, rid: int) -> None:
+        """Give up request ``rid`` from another thread (its caller was cancelled): the daemon
+        stops its work and the thread waiting for it returns at once."""
+        self._cancel(rid)
+        waiter = self._waiting.get(rid)
+        if waiter is not None:
+            waiter.put(_ABANDONED)
+
     def _cancel(self, rid: int) -> None:
         with contextlib.suppress(DaemonError):  # gone: the daemon cancels all of ours anyway
             self._send(MsgType.CANCEL, rid, {})
 
     def run(self, body: dict[str, Any], *, timeout: float, on_output: OnOutput | None,
-            call: Callable[[str, str], str] | None, priority: int = 0
-            ) -> tuple[dict[str, Any], int | None]:
+            call: Callable[[str, str], str] | None, priority: int = 0,
+            on_rid: Callable[[int], None] | None = None) -> tuple[dict[str, Any], int | None]:
         """One run: the worker's RESULT body and the pid of the worker that ran it."""
         frame: dict[str, Any] = {"body": body}
         if priority:
             frame["priority"] = priority
         answer = self.request(MsgType.RUN, frame, timeout=timeout, on_output=on_output,
-                              call=call)
+                              call=call, on_rid=on_rid)
         reply = answer.get("reply")
         if not isinstance(reply, dict):
             raise DaemonError("the daemon sent a malformed result")
@@ -306,14 +324,16 @@ def _error(frame: Frame) -> Exception:
     return error_from_dict(data)
 
 
-def _read_one(sock: socket.socket, decoder: FrameDecoder) -> Frame | None:
-    """One frame read synchronously (the handshake, before the reader thread starts)."""
+def _handshake(sock: socket.socket, decoder: FrameDecoder) -> tuple[Frame | None, list[Frame]]:
+    """The daemon's answer to HELLO (WELCOME or ERROR), read synchronously before the reader
+    thread starts, and any frames that came with it (worker events: the daemon broadcasts
+    them to every client, so one may arrive first or in the same read)."""
     while True:
         data = sock.recv(1 << 16)
         if not data:
-            return None
-        frames = decoder.feed(data)
+            return None, []
+        frames = list(decoder.feed(data))
+        while frames and frames[0].type is MsgType.EVENT:
+            frames.pop(0)  # an event before WELCOME: not for us yet
         if frames:
-            if len(frames) > 1:
-                raise ProtocolError("unexpected frames after the handshake")
-            return frames[0]
+            return frames[0], frames[1:]

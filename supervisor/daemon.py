@@ -73,8 +73,8 @@ def default_socket_path() -> str:
 def parse_listen(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as a (host, port) pair."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"--listen wants HOST:PORT, got {text!r}")
+    if not sep or not port.isdigit() or not host or not 0 <= int(port) <= 65535:
+        raise ValueError(f"--listen wants HOST:PORT with a port from 0 to 65535, got {text!r}")
     return host.strip("[]"), int(port)
 
 
@@ -129,6 +129,8 @@ class DaemonConfig:
                 "max_rss_growth": self.max_rss_growth, "health_interval": self.health_interval,
                 "heartbeat_timeout": self.heartbeat_timeout}
 
+
+_MAX_HELLO = 4096  # bytes: the cap on frames before a client has authenticated
 
 # Every key a RUN body may carry, with the type it must have (see RunSpec).
 _STR = ("code", "console", "globals_json", "env_json", "entry", "filename")
@@ -216,7 +218,9 @@ class Dispatcher:
         except QueueFull as exc:
             raise DaemonError(str(exc)) from None
         try:
-            await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - time.monotonic()))
+            # Not wait_for: on 3.11 it lets a grant that lands with a cancel swallow the cancel.
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await asyncio.shield(future)
         except BaseException as exc:
             if not self.queue.remove(client, future, priority) and future.done():
                 self.release()  # the slot came just as we gave up: pass it on
@@ -344,14 +348,17 @@ class Daemon:
         self.started = time.time()
         self.runs = 0
         self._stopping: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._path: str | None = None
 
     # -- events from the pool --------------------------------------------------------------
     def _on_event(self, name: str, payload: dict[str, Any]) -> None:
+        """A pool event (from any thread: the maintainer emits worker:started)."""
         plain = {k: v for k, v in payload.items() if isinstance(v, (str, int, float, type(None)))}
-        for client in list(self.clients):
-            client.send(MsgType.EVENT, 0, {"name": name, "payload": plain})
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed in between
+                self._loop.call_soon_threadsafe(self._broadcast, name, plain)
         if name == "worker:crashed":
             self.metrics.restarts.labels(str(payload.get("cause") or "crash")).inc()
             log.warning("worker %s crashed (%s)", payload.get("pid"), payload.get("cause"))
@@ -360,6 +367,11 @@ class Daemon:
             log.info("worker %s recycled (%s)", payload.get("pid"), payload.get("reason"))
         elif name == "worker:started":
             log.debug("worker %s started", payload.get("pid"))
+
+    def _broadcast(self, name: str, plain: dict[str, Any]) -> None:
+        """Send an event to every client (on the loop: connections are not thread-safe)."""
+        for client in list(self.clients):
+            client.send(MsgType.EVENT, 0, {"name": name, "payload": plain})
 
     # -- figures ---------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -396,7 +408,7 @@ class Daemon:
     # -- lifecycle -------------------------------------------------------------------------
     async def serve(self, ready: Callable[[str], None] | None = None) -> int:
         """Listen until SIGTERM or SIGINT, then drain; returns the exit code (0)."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         sock = self._bind()
         if sock.family == socket.AF_UNIX:
@@ -473,7 +485,11 @@ class Daemon:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                sock.close()
+                raise DaemonError(f"cannot listen on {self.config.listen}: {exc}") from None
         else:
             path = self.config.socket or default_socket_path()
             _clear_stale(path)
@@ -505,12 +521,13 @@ class Daemon:
     async def _connection(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
         client = _Client(writer)
-        decoder = FrameDecoder(max_frame=self.config.max_frame)
+        decoder = FrameDecoder(max_frame=_MAX_HELLO)  # nothing large before authentication
         peer = writer.get_extra_info("peername") or "unix"
         try:
             hello = await self._read_frame(client, reader, decoder, first=True)
             if hello is None or hello.type is not MsgType.HELLO:
                 raise ProtocolError("the first frame must be HELLO")
+            decoder.max_frame = self.config.max_frame
             if not self._authorised(hello.body.get("token")):
                 writer.write(encode_frame(MsgType.ERROR, 0, {"error": {
                     "type": "DaemonError", "message": "authentication failed: wrong or missing "
@@ -549,13 +566,18 @@ class Daemon:
     async def _read_frame(self, client: _Client, reader: asyncio.StreamReader,
                           decoder: FrameDecoder, first: bool = False) -> Frame | None:
         """The next frame; None at EOF. Waiting is unbounded between frames (an idle client
-        is fine) but bounded within one, and before HELLO (a stalled client is dropped)."""
+        is fine), but a frame once begun (and HELLO) must be whole within the frame timeout:
+        a client that stalls or trickles is dropped."""
+        deadline: float | None = None
         while not client.decoded:
-            stalled = first or decoder.buffered > 0
-            read = reader.read(2**16)
+            if deadline is None and (first or decoder.buffered > 0):
+                deadline = time.monotonic() + self.config.frame_timeout
             try:
-                data = await (asyncio.wait_for(read, self.config.frame_timeout) if stalled
-                              else read)
+                if deadline is None:
+                    data = await reader.read(2**16)
+                else:
+                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                        data = await reader.read(2**16)
             except builtins.TimeoutError:
                 raise ProtocolError("the client stalled in the middle of a frame") from None
             if not data:
@@ -570,7 +592,8 @@ class Daemon:
         if not expected:
             return True
         given = token if isinstance(token, str) else ""
-        return hmac.compare_digest(given.encode(), expected.encode())
+        return hmac.compare_digest(given.encode("utf-8", "surrogatepass"),
+                                   expected.encode("utf-8", "surrogatepass"))
 
     def _dispatch_frame(self, client: _Client, frame: Frame) -> None:
         rid = frame.request_id

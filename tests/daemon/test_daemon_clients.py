@@ -112,10 +112,6 @@ def test_async_box_runs_concurrently(daemon: Daemon) -> None:
     assert meet == [0, 2]
 
 
-@pytest.mark.xfail(strict=True, reason="api.py AsyncIsoBox._send (remote): the run goes through "
-                   "asyncio.to_thread(self._remote_send, ...), so cancelling the awaiting task "
-                   "leaves the thread waiting and never sends CANCEL; the daemon's worker keeps "
-                   "running the script until its own timeout")
 def test_cancelling_an_async_remote_run_cancels_it_in_the_daemon(start_daemon: StartDaemon
                                                                 ) -> None:
     """Cancelling the task awaiting a remote run (here by wait_for) stops the run in the
@@ -166,11 +162,6 @@ def test_killed_client_process_has_its_run_cancelled(start_daemon: StartDaemon) 
     assert wait_until(lambda: daemon.stats()["clients"] == 1, 5)  # only the asking one
 
 
-@pytest.mark.xfail(strict=True, reason="remote.py RemoteClient._connect/_read_one: the daemon now "
-                   "sends EVENT frames (worker:started/recycled/crashed) to every client, and one "
-                   "that arrives in the same read as WELCOME (or before it) fails the handshake "
-                   "with DaemonError 'did not answer: unexpected frames after the handshake' "
-                   "(or 'refused the connection')")
 def test_connecting_while_workers_come_and_go(start_daemon: StartDaemon) -> None:
     """New connections succeed while the daemon's workers are being recycled (here after
     every run, --max-runs 1, so worker events flow all the time)."""

@@ -228,10 +228,6 @@ def test_a_client_that_never_reads_does_not_block_others(hostile_daemon: Daemon,
     serves(good)
 
 
-@pytest.mark.xfail(strict=True, reason="daemon.py Daemon._read_frame bounds each read() with "
-                   "frame_timeout, not the whole frame: a peer that trickles one byte per "
-                   "interval never completes HELLO (or any frame) yet is never dropped, so "
-                   "unauthenticated connections can be held open indefinitely (slowloris)")
 def test_trickling_client_is_dropped_after_the_frame_timeout(hostile_daemon: Daemon) -> None:
     """A client that sends a HELLO one byte every 0.4s (never finishing within the 1s frame
     timeout) is dropped within a few seconds."""
@@ -253,10 +249,6 @@ def test_trickling_client_is_dropped_after_the_frame_timeout(hostile_daemon: Dae
     assert dropped, "a client still inside its first frame after ~5s was kept"
 
 
-@pytest.mark.xfail(strict=True, reason="daemon.py Daemon._connection reads HELLO with the full "
-                   "max_frame (96 MiB) decoder: an unauthenticated peer can make the daemon "
-                   "buffer ~96 MiB per connection before the token is checked; HELLO needs a "
-                   "small cap of its own (a few KiB)")
 def test_oversized_hello_is_refused_before_buffering(hostile_daemon: Daemon) -> None:
     """A first frame announcing megabytes (a HELLO is a few bytes) is refused at once: the
     sender cannot push 8 MiB into the daemon before authenticating."""

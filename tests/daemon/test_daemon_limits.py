@@ -233,11 +233,11 @@ def test_ceilings_from_the_command_line(start_daemon: StartDaemon) -> None:
     daemon = start_daemon("--max-timeout", "2", "--max-memory", str(64 * 2**20))
     box = daemon.box(timeout=2)
     assert box.run("1", memory_limit=64 * 2**20) == 1
-    with pytest.raises(DaemonError, match="timeouts up to 2.0s"):
+    with pytest.raises(DaemonError, match=r"timeouts up to 2\.0s"):
         box.run("1", timeout=2.5)
-    with pytest.raises(DaemonError, match="timeouts up to 2.0s"):
+    with pytest.raises(DaemonError, match=r"timeouts up to 2\.0s"):
         box.run("1", cpu_timeout=3)
     with pytest.raises(DaemonError, match=f"ceiling of {64 * 2**20} bytes"):
         box.run("1", memory_limit=64 * 2**20 + 1)
-    with pytest.raises(DaemonError, match="timeouts up to 2.0s"):
+    with pytest.raises(DaemonError, match=r"timeouts up to 2\.0s"):
         daemon.box().run("1")  # IsoBox's default timeout is 30s

@@ -4,7 +4,6 @@ Dispatcher's fairness (driven by a real asyncio loop, no processes)."""
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from typing import Any
 
@@ -239,8 +238,6 @@ def test_parse_listen_rejects_garbage(text: str) -> None:
         parse_listen(text)
 
 
-@pytest.mark.xfail(strict=True, reason="parse_listen accepts ports above 65535; the daemon then "
-                   "dies at bind() with an OverflowError traceback (see test_tcp)")
 def test_parse_listen_rejects_ports_out_of_range() -> None:
     """A port above 65535 is a ValueError, like any other bad --listen value."""
     with pytest.raises(ValueError, match=r"HOST:PORT|port"):
@@ -363,7 +360,7 @@ def test_dispatcher_cancelled_waiter_passes_the_slot_on() -> None:
             await first
         except asyncio.CancelledError:
             pass
-        else:  # Python 3.11's wait_for lets the grant win over the cancel (see the xfail below)
+        else:  # (the grant won the race: the slot is ours to pass on)
             dispatch.release()
         await asyncio.wait_for(second, 5)  # "c" got the slot "b" dropped
         dispatch.release()
@@ -382,10 +379,6 @@ def test_dispatcher_cancelled_waiter_passes_the_slot_on() -> None:
     asyncio.run(main())
 
 
-@pytest.mark.xfail(sys.version_info < (3, 12), strict=True, reason=(
-    "Dispatcher.acquire uses asyncio.wait_for, which on Python 3.11 returns the result when "
-    "the slot is granted in the same loop iteration as the task's cancellation: the cancel is "
-    "lost, so a request of a client that just disconnected still runs to its full timeout"))
 def test_dispatcher_cancel_racing_the_grant_is_not_lost() -> None:
     """A request cancelled just as the slot reaches it ends cancelled (the slot moves on)."""
 

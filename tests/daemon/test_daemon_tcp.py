@@ -95,10 +95,6 @@ def test_refused_clients_do_not_disturb_others(tcp_daemon: Daemon) -> None:
             assert box.run(f"{i} + 1") == i + 1
 
 
-@pytest.mark.xfail(strict=True, reason="daemon.py Daemon._authorised: a HELLO token with a lone "
-                   "surrogate makes given.encode() raise UnicodeEncodeError, which escapes "
-                   "_connection (an 'Unhandled exception in client_connected_cb' traceback) "
-                   "and drops the client without the 'authentication failed' ERROR")
 def test_undecodable_token_is_an_ordinary_refusal(tcp_daemon: Daemon) -> None:
     """A token that is not valid UTF-8 (a lone surrogate) is simply a wrong token."""
     raw = tcp_daemon.raw()
@@ -162,9 +158,6 @@ def test_empty_token_file_is_a_usage_error(tmp_path: Path) -> None:
     assert "empty" in done.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="daemon.py parse_listen does not check the port range: "
-                   "--listen 127.0.0.1:99999 passes configuration and the daemon dies at "
-                   "bind() with an OverflowError traceback (exit 1) instead of a usage error")
 def test_port_out_of_range_is_a_usage_error(tmp_path: Path) -> None:
     """A port above 65535 is a usage error (exit 2) without a traceback."""
     token_file = tmp_path / "tok"
@@ -175,9 +168,6 @@ def test_port_out_of_range_is_a_usage_error(tmp_path: Path) -> None:
     assert done.returncode == 2
 
 
-@pytest.mark.xfail(strict=True, reason="daemon.py Daemon._bind: an OSError from bind() (port in "
-                   "use, address not available) is not turned into DaemonError, so the daemon "
-                   "exits with a raw traceback instead of its one-line message")
 def test_port_in_use_is_a_clear_error(tcp_daemon: Daemon, tmp_path: Path) -> None:
     """A second daemon on a TCP port already in use exits 1 with a one-line message."""
     token_file = tmp_path / "tok"
