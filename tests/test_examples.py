@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+BASH = shutil.which("bash") or "/bin/bash"
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -27,11 +28,11 @@ def examples(tmp_path: Path) -> Path:
 
 def test_cli_example_and_its_resume(examples: Path) -> None:
     """transform_cli.sh writes one record per order; run again it resumes (nothing redone)."""
-    first = subprocess.run(["bash", "transform_cli.sh"], cwd=examples, capture_output=True,
+    first = subprocess.run([BASH, "transform_cli.sh"], cwd=examples, capture_output=True,
                            text=True, check=True)
     lines = (examples / "totals.jsonl").read_text().splitlines()
     assert len(lines) == 500 and '"ok": true' in first.stdout
-    again = subprocess.run(["bash", "transform_cli.sh"], cwd=examples, capture_output=True,
+    again = subprocess.run([BASH, "transform_cli.sh"], cwd=examples, capture_output=True,
                            text=True, check=True)
     assert "0 ok, 0 failed, 500 already done" in again.stderr
     assert len((examples / "totals.jsonl").read_text().splitlines()) == 500
