@@ -250,7 +250,7 @@ def test_daemon_config_tcp_needs_a_token() -> None:
         DaemonConfig(listen="127.0.0.1:7000")
     with pytest.raises(ValueError, match="needs a token"):
         DaemonConfig(listen="127.0.0.1:7000", token="")
-    assert DaemonConfig(listen="127.0.0.1:7000", token="t").token == "t"  # noqa: S105,S106
+    assert DaemonConfig(listen="127.0.0.1:7000", token="t").token == "t"
     assert DaemonConfig(socket="/tmp/x.sock").token is None  # a Unix socket may go without
 
 

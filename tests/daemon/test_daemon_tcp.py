@@ -22,8 +22,8 @@ from isobox import DaemonError, IsoBox
 from isobox.protocol import MsgType
 
 pytestmark = pytest.mark.timeout(20)
-TOKEN = "s3cret-token-for-tests"  # noqa: S105 - a test token
-UNIX_TOKEN = "unix-token"  # noqa: S105 - a test token
+TOKEN = "s3cret-token-for-tests"
+UNIX_TOKEN = "unix-token"
 
 
 @pytest.fixture(scope="module")
