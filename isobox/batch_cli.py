@@ -147,12 +147,18 @@ def _count_records(path: Path, fmt: str) -> int:
               help="Runs again an item whose worker crashed, this many times.")
 @click.option("--chunk-size", type=int, default=64, show_default=True,
               help="Items per run (1: a fresh context for every item).")
+@click.option("--address", envvar="ISOBOX_ADDRESS", default=None,
+              help="Run on an isobox-supervisor daemon (unix:///path or tcp://host:port) "
+              "instead of workers of its own; --workers is then the daemon's business.")
+@click.option("--token-file", envvar="ISOBOX_TOKEN_FILE", default=None,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The daemon's token (TCP).")
 @click.option("--resume", is_flag=True, help="Finish a job that was interrupted.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary.")
 def batch_command(  # noqa: PLR0917 - click passes one argument per option
         script: Path, input_path: Path, output_path: Path, fmt: str | None, workers: int,
-        timeout: float, memory: int, retries: int, chunk_size: int, resume: bool,
-        quiet: bool) -> None:
+        timeout: float, memory: int, retries: int, chunk_size: int, address: str | None,
+        token_file: Path | None, resume: bool, quiet: bool) -> None:
     """Run SCRIPT once per input record (the record is the global `input`); write one result
     record per input. Killed at any moment, run again with --resume: every index ends up in
     the output exactly once."""
@@ -169,11 +175,19 @@ def batch_command(  # noqa: PLR0917 - click passes one argument per option
     done = journal.recover(output_path, writer.index_of) if resume else set()
     from isobox.api import IsoBox  # noqa: PLC0415 - keep `isobox --help` light
 
+    where: dict[str, Any] = {"pool": {"min": workers, "max": workers}, "typescript": "lazy"}
+    if address is not None:
+        token = token_file.read_text(encoding="utf-8").strip() if token_file else None
+        where = {"address": address, "token": token}
     try:
-        box = IsoBox(timeout=timeout, memory_limit=memory, typescript="lazy",
-                     pool={"min": workers, "max": workers})
+        box = IsoBox(timeout=timeout, memory_limit=memory, **where)
     except (TypeError, ValueError) as exc:
+        journal.close()
         raise click.UsageError(str(exc)) from None
+    except IsoBoxError as exc:
+        journal.close()
+        click.echo(f"isobox: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(7)
     stats = {"ok": 0, "failed": 0, "skipped": len(done)}
     started = time.monotonic()
     try:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -326,3 +327,35 @@ def test_soak_daemon_rss_stays_flat(start_daemon: Any) -> None:
     print(f"daemon RSS {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB over 20,000 runs")
     assert not failures, failures[:3]
     assert after - before < 16 * 2**20
+
+
+# -- batch jobs through the daemon -----------------------------------------------------------------
+def test_map_through_the_daemon(shared_daemon: Daemon) -> None:
+    """box.map on a remote box: values in order, a failing item typed, chunking included."""
+    box = shared_daemon.box(timeout=5)
+    items = list(box.map("if (input === 3) throw new RangeError('three'); input * 2",
+                         range(300), chunk_size=16))
+    assert [i.index for i in items] == list(range(300))
+    assert items[3].ok is False and isinstance(items[3].error, isobox.ScriptError)
+    assert all(i.value == 2 * i.index for i in items if i.index != 3)
+
+
+def test_batch_cli_through_the_daemon(shared_daemon: Daemon, tmp_path: Any) -> None:
+    """isobox batch --address runs on the daemon's workers: every line once, exit 8 for the
+    one failing item."""
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(f'{{"x": {i}}}\n' for i in range(1000)))
+    script = tmp_path / "t.js"
+    script.write_text("if (input.x === 5) throw new Error('five'); input.x + 1")
+    out = tmp_path / "out.jsonl"
+    isobox_cli = str(Path(sys.executable).with_name("isobox"))
+    proc = subprocess.run([isobox_cli, "batch", str(script), "--input",
+                           str(source), "--output", str(out), "--address",
+                           shared_daemon.address, "--quiet"], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 8, proc.stderr
+    import json
+
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["index"] for r in records) == list(range(1000))
+    assert [r["index"] for r in records if not r["ok"]] == [5]
