@@ -34,6 +34,16 @@ limits, in this process):
       before and after 100,000 runs from one client with 4 threads (5,000 with ``--quick``),
       sampled on the way so a steady climb shows. The daemon is stopped with SIGTERM (SIGKILL
       if it does not exit) whatever happens.
+- Batch: ``box.map("input.x * 2", {"x": i} for 100,000 items)`` (20,000 with ``--quick``) on a
+      box of its own (2 workers), ``ordered=False``, default chunks: items/s (median of rounds),
+      against the floor's per-item cost (a fresh context per item, the item set as the global
+      ``input`` from JSON text; median, measured in the same rounds) times N over 2 workers;
+      ``chunk_size=1`` items/s as a note. Then the ``isobox batch`` CLI (``--workers 2
+      --quiet``) over a JSONL file of the same N lines in a private temp folder: lines/s by wall
+      clock around the process (start-up and journal included). Then resume: the CLI is
+      SIGKILLed once a third of the output is written, run again with ``--resume``; items it
+      ran again beyond those missing at the kill (from its summary line), against the items in
+      flight (map window x chunk size), and the final output is checked: every index once.
 
 How: every series is warmed up first and then measured with ``time.perf_counter``; floor and
 IsoBox series are interleaved in rounds so background load drifts hit both alike; figures are
@@ -53,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import importlib.metadata
 import json
@@ -60,9 +71,11 @@ import math
 import os
 import platform
 import queue
+import re
 import shutil
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -119,14 +132,17 @@ class Plan:
     stream_reps: int
     ts_reps: int
     remote_runs: int  # the daemon RSS growth figure
+    batch_items: int  # N of the map and of the batch CLI's input file
+    batch_rounds: int  # map rounds (each beside a floor block) and timed CLI runs
+    batch_single: int  # items of the chunk_size=1 map note
 
 
 FULL = Plan(w1_rounds=6, w1_block=500, w1_warmup=200, tput_seconds=2.0, tput_reps=5,
             w2_reps=60, w3_reps=20, w4_reps=12, respawn_reps=8, stream_reps=5, ts_reps=40,
-            remote_runs=100_000)
+            remote_runs=100_000, batch_items=100_000, batch_rounds=3, batch_single=3_000)
 QUICK = Plan(w1_rounds=2, w1_block=150, w1_warmup=30, tput_seconds=0.75, tput_reps=1,
              w2_reps=8, w3_reps=4, w4_reps=3, respawn_reps=3, stream_reps=1, ts_reps=8,
-             remote_runs=5_000)
+             remote_runs=5_000, batch_items=20_000, batch_rounds=1, batch_single=1_000)
 
 
 # -- statistics --------------------------------------------------------------------------------
@@ -915,6 +931,254 @@ def bench_remote(plan: Plan, seen: set[int]) -> dict[str, Any]:
     return out
 
 
+# -- batch jobs: box.map and the isobox batch CLI --------------------------------------------
+BATCH_CODE = "input.x * 2"
+FLOOR_ITEM = f"globalThis.input = JSON.parse(S); {BATCH_CODE}"
+BATCH_CLI = Path(sys.executable).with_name("isobox")
+CLI_CHUNK = 64  # the CLI's --chunk-size default
+IN_FLIGHT = max(2, 2 * WORKERS) * CLI_CHUNK  # map's default window (2 x workers chunks) x chunk
+KILL_AT = 1 / 3  # SIGKILL the CLI once this share of the output is written
+BATCH_SUMMARY = re.compile(
+    r"isobox batch: (\d+) ok, (\d+) failed, (\d+) already done; ([\d,.]+) items/s")
+
+
+def floor_item(index: int) -> Any:
+    """One item on the floor: a fresh context, the item as the global ``input`` (from JSON
+    text, as ``ctx.set`` takes no dict), then the code."""
+    ctx = fresh_context()
+    ctx.set("S", json.dumps({"x": index}))
+    return ctx.eval(FLOOR_ITEM)
+
+
+def map_once(box: IsoBox, count: int, chunk_size: int | None = None) -> tuple[float, int]:
+    """Wall seconds an unordered ``map`` over ``count`` items takes (consumed as they come;
+    ``chunk_size`` None: map's default); and how many items failed. Each index must come back
+    exactly once, each value right."""
+    times = bytearray(count)
+    failed = 0
+    chunks = {} if chunk_size is None else {"chunk_size": chunk_size}
+    started = time.perf_counter()
+    for item in box.map(BATCH_CODE, ({"x": i} for i in range(count)), ordered=False,
+                        **chunks):
+        times[item.index] = min(255, times[item.index] + 1)
+        if item.ok:
+            check(item.value, item.index * 2, "map item")
+        else:
+            failed += 1
+    elapsed = time.perf_counter() - started
+    if times.count(1) != count:
+        raise AssertionError(f"map did not hand back every index exactly once: "
+                             f"{times.count(0)} missing, {count - times.count(0) - times.count(1)} "
+                             "more than once")
+    return elapsed, failed
+
+
+def batch_map(box: IsoBox, plan: Plan) -> dict[str, Any]:
+    """Map rounds, each beside a block of floor items; then the chunk_size=1 note."""
+    count = plan.batch_items
+    block = 4 * plan.w1_block
+    series(Probe(lambda: floor_item(7), 14, "floor item"), plan.w1_warmup)
+    map_once(box, min(count, 5_000))  # warm: threads, workers, the chunk runner
+    floor: list[float] = []
+    seconds: list[float] = []
+    failed = 0
+    for _ in range(plan.batch_rounds):
+        floor += [timed(Probe(functools.partial(floor_item, i), i * 2, "floor item"))
+                  for i in range(block)]
+        wait_idle(box, WORKERS)
+        elapsed, bad = map_once(box, count)
+        seconds.append(elapsed)
+        failed += bad
+    wait_idle(box, WORKERS)
+    single, single_failed = map_once(box, plan.batch_single, chunk_size=1)
+    per_item = percentile(floor, 50)
+    return {"map_items": count, "map_seconds": summary(seconds),
+            "map_rate": summary([count / s for s in seconds]), "map_failed": failed,
+            "floor_item": summary(floor), "floor_seconds": per_item * count / WORKERS,
+            "floor_rate": WORKERS / per_item, "single_items": plan.batch_single,
+            "single_rate": plan.batch_single / single, "single_failed": single_failed}
+
+
+def write_batch_input(folder: str, count: int) -> None:
+    """``in.jsonl`` (``{"x": i}`` per line) and ``script.js`` in ``folder``."""
+    with open(os.path.join(folder, "in.jsonl"), "w", encoding="utf-8") as fh:
+        fh.writelines(f'{{"x": {i}}}\n' for i in range(count))
+    Path(folder, "script.js").write_text(BATCH_CODE + "\n", encoding="utf-8")
+
+
+def start_batch(folder: str, log: str, *flags: str) -> subprocess.Popen[bytes]:
+    """``isobox batch script.js --input in.jsonl --output out.jsonl --workers 2 FLAGS`` in
+    ``folder``; its stderr goes to ``folder``/``log``."""
+    with open(os.path.join(folder, log), "wb") as err:
+        return subprocess.Popen(
+            [str(BATCH_CLI), "batch", "script.js", "--input", "in.jsonl", "--output",
+             "out.jsonl", "--workers", str(WORKERS), *flags],
+            cwd=folder, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+
+
+def wait_batch(proc: subprocess.Popen[bytes], seen: set[int], limit: float = 300.0) -> int:
+    """Wait for the CLI (a blocking wait, so the exit is seen at once); meanwhile a thread puts
+    its processes into ``seen`` every 50 ms and SIGKILLs it after ``limit`` s."""
+    stop = threading.Event()
+    deadline = time.monotonic() + limit
+
+    def watch() -> None:
+        while not stop.wait(0.05):
+            seen.update(family(proc.pid))
+            if time.monotonic() >= deadline:
+                proc.kill()
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True, name="batch-watch")
+    watcher.start()
+    try:
+        return proc.wait()
+    finally:
+        stop.set()
+        watcher.join()
+
+
+def clear_output(folder: str) -> None:
+    """Remove out.jsonl and its journal (with SQLite's -wal and -shm files)."""
+    for name in ("out.jsonl", "out.jsonl.journal", "out.jsonl.journal-wal",
+                 "out.jsonl.journal-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(folder, name))
+
+
+def log_tail(folder: str, log: str) -> str:
+    return Path(folder, log).read_text(encoding="utf-8", errors="replace")[-500:]
+
+
+def batch_cli(folder: str, plan: Plan, seen: set[int]) -> dict[str, Any]:
+    """Timed ``--quiet`` runs of the CLI over the whole file; the output size it ends with."""
+    count = plan.batch_items
+    rates: list[float] = []
+    size = 0
+    for _ in range(plan.batch_rounds):
+        clear_output(folder)
+        started = time.perf_counter()
+        proc = start_batch(folder, "quiet.log", "--quiet")
+        seen.add(proc.pid)
+        code = wait_batch(proc, seen)
+        elapsed = time.perf_counter() - started
+        if code != 0:
+            raise RuntimeError(f"isobox batch exited with code {code}; its stderr ends: "
+                               f"{log_tail(folder, 'quiet.log')!r}")
+        data = Path(folder, "out.jsonl").read_bytes()
+        check(data.count(b"\n"), count, "isobox batch (output lines)")
+        size = len(data)
+        rates.append(count / elapsed)
+    return {"cli_lines": count, "cli_rate": summary(rates), "cli_output_bytes": size}
+
+
+def journaled(path: str) -> int | None:
+    """How many indices the journal holds (read-only; None if it cannot be read)."""
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return int(db.execute("SELECT COUNT(*) FROM done").fetchone()[0])
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return None
+
+
+def final_output(path: Path, count: int) -> dict[str, int]:
+    """Lines of the resumed output; indices missing, repeated, or with a wrong record."""
+    times = bytearray(count)
+    wrong = 0
+    lines = path.read_bytes().splitlines()
+    for line in lines:
+        record = json.loads(line)
+        index = record.get("index")
+        if not isinstance(index, int) or not 0 <= index < count:
+            wrong += 1
+            continue
+        times[index] = min(255, times[index] + 1)
+        if record.get("ok") is not True or record.get("value") != index * 2:
+            wrong += 1
+    return {"final_lines": len(lines), "missing": times.count(0),
+            "repeated": count - times.count(0) - times.count(1), "wrong": wrong}
+
+
+def batch_resume(folder: str, plan: Plan, seen: set[int], size: int) -> dict[str, Any]:
+    """SIGKILL the CLI once ``KILL_AT`` of the output (``size`` bytes when whole) is written;
+    ``--resume``; what it ran again, and the final output checked."""
+    count = plan.batch_items
+    clear_output(folder)
+    out = Path(folder, "out.jsonl")
+    started = time.perf_counter()
+    proc = start_batch(folder, "killed.log")
+    seen.add(proc.pid)
+    deadline = time.monotonic() + 120.0
+    while not out.exists() or out.stat().st_size <= size * KILL_AT:
+        if proc.poll() is not None:
+            raise RuntimeError(f"isobox batch exited (code {proc.returncode}) before the kill; "
+                               f"its stderr ends: {log_tail(folder, 'killed.log')!r}")
+        if time.monotonic() >= deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError("isobox batch wrote under a third of its output in 120 s")
+        time.sleep(POLL)
+    processes = family(proc.pid)
+    seen.update(processes)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_after = time.perf_counter() - started
+    data = out.read_bytes()
+    complete = data.count(b"\n")
+    at_kill = {"killed_after": killed_after, "kill_bytes": len(data), "kill_lines": complete,
+               "kill_torn": bool(data) and not data.endswith(b"\n"),
+               "kill_journaled": journaled(str(out) + ".journal"),
+               "kill_outlived": alive(processes, 5.0)}
+    started = time.perf_counter()
+    proc = start_batch(folder, "resume.log", "--resume")
+    seen.add(proc.pid)
+    code = wait_batch(proc, seen)
+    resume_seconds = time.perf_counter() - started
+    log = Path(folder, "resume.log").read_text(encoding="utf-8", errors="replace")
+    found = BATCH_SUMMARY.search(log)
+    if code != 0 or found is None:
+        raise RuntimeError(f"isobox batch --resume exited with code {code}"
+                           + ("" if found else " without its summary line")
+                           + f"; its stderr ends: {log[-500:]!r}")
+    ok, failed, already = (int(found.group(i)) for i in (1, 2, 3))
+    ran = ok + failed
+    return {**at_kill, "resume_ok": ok, "resume_failed": failed, "resume_already": already,
+            "resume_ran": ran, "redone": ran - (count - complete), "in_flight": IN_FLIGHT,
+            "resume_seconds": resume_seconds,
+            "resume_rate": float(found.group(4).replace(",", "")),
+            **final_output(out, count)}
+
+
+def bench_batch(plan: Plan, seen: set[int]) -> dict[str, Any]:
+    """Batch jobs: ``map`` on a box of its own, then the CLI in a private temp folder (always
+    removed)."""
+    started = time.perf_counter()
+    folder = tempfile.mkdtemp(prefix="isobox-bench-batch-")
+    box: IsoBox | None = None
+    out: dict[str, Any] = {}
+    try:
+        box = make_box()
+        seen.update(w.pid for w in box.pool_stats().workers)
+        out.update(batch_map(box, plan))
+        seen.update(w.pid for w in box.pool_stats().workers)
+        seen.update(child.pid for child in psutil.Process().children(recursive=True))
+        box.shutdown()  # its workers would only take CPU from the CLI's
+        box = None
+        write_batch_input(folder, plan.batch_items)
+        out.update(batch_cli(folder, plan, seen))
+        out.update(batch_resume(folder, plan, seen, out["cli_output_bytes"]))
+    finally:
+        if box is not None:
+            seen.update(child.pid for child in psutil.Process().children(recursive=True))
+            box.shutdown()
+        shutil.rmtree(folder, ignore_errors=True)
+    out["section_seconds"] = time.perf_counter() - started
+    return out
+
+
 def quickjs_build() -> dict[str, Any]:
     """The quickjs-ng distribution in use: version, wheel tags, and whether it is prebuilt."""
     dist = importlib.metadata.distribution("quickjs-ng")
@@ -1038,7 +1302,34 @@ def build_rows(res: dict[str, Any], plan: Plan) -> list[tuple[str, str, str, str
                        ("rss_after_mib", f"Daemon RSS after {plan.remote_runs:,} runs")):
         value = fig(rem, key)
         rows.append((label, f"{value:.1f} MiB" if value is not None else "-", "-", "-"))
+    rows += batch_rows(res.get("batch"))
     return rows
+
+
+def rate_text(rate: float | None) -> str:
+    return f"{rate:,.0f}" if rate is not None else "-"
+
+
+def batch_rows(bat: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
+    """The batch section's rows: map items/s and time against the floor, CLI lines/s, resume."""
+    count = (bat or {}).get("map_items")
+    n = f"{count:,}" if count else "N"
+    rate, floor_rate = fig(bat, "map_rate", "p50"), fig(bat, "floor_rate")
+    r = ratio(rate, floor_rate)
+    spent, floor_spent = fig(bat, "map_seconds", "p50"), fig(bat, "floor_seconds")
+    t = ratio(spent, floor_spent)
+    cli, redone = fig(bat, "cli_rate", "p50"), fig(bat, "redone")
+    c = ratio(cli, floor_rate)
+    return [
+        (f"Batch map items/s, {n} items, {WORKERS} workers (median)", rate_text(rate),
+         rate_text(floor_rate), f"{r:.2f}x" if r is not None else "-"),
+        (f"Batch map time, {n} items (floor: per item x N / {WORKERS})", ms(spent),
+         ms(floor_spent), f"{t:.2f}x" if t is not None else "-"),
+        (f"Batch CLI lines/s, {n} lines, journal incl. (floor: map's)", rate_text(cli),
+         rate_text(floor_rate), f"{c:.2f}x" if c is not None else "-"),
+        ("Batch resume after SIGKILL: items redone", f"{redone:.0f}" if redone is not None
+         else "-", "-", "-"),
+    ]
 
 
 def build_targets(res: dict[str, Any], plan: Plan) -> list[Target]:
@@ -1072,6 +1363,12 @@ def build_targets(res: dict[str, Any], plan: Plan) -> list[Target]:
     start_mib = fig(rem, "rss_start_mib")
     start_mb = start_mib * MIB / 1e6 if start_mib is not None else None
     growth = fig(rem, "growth_mib")
+    bat = res.get("batch")
+    mrate, mr = fig(bat, "map_rate", "p50"), ratio(fig(bat, "map_seconds", "p50"),
+                                                 fig(bat, "floor_seconds"))
+    crate, redone = fig(bat, "cli_rate", "p50"), fig(bat, "redone")
+    once = None if bat is None or "missing" not in bat else float(
+        bat["missing"] + bat["repeated"] + bat["wrong"])
 
     return [
         Target("W1 p50 (idle gap) <= 1.5x floor", w1r, 1.5, x(w1r)),
@@ -1098,6 +1395,15 @@ def build_targets(res: dict[str, Any], plan: Plan) -> list[Target]:
                f"{start_mb:.1f} MB" if start_mb is not None else "-"),
         Target(f"Daemon RSS growth over {plan.remote_runs:,} runs < 10 MiB", growth, 10.0,
                f"{growth:+.1f} MiB" if growth is not None else "-"),
+        Target(f">= 10,000 map items/s ({WORKERS} workers)", mrate, 10_000,
+               f"{mrate:,.0f}/s" if mrate is not None else "-", at_least=True),
+        Target("map time <= 1.5x floor per-item x N / workers", mr, 1.5, x(mr)),
+        Target(">= 5,000 batch lines/s (journal included)", crate, 5_000,
+               f"{crate:,.0f}/s" if crate is not None else "-", at_least=True),
+        Target(f"resume redoes <= items in flight ({IN_FLIGHT})", redone, IN_FLIGHT,
+               f"{redone:.0f}" if redone is not None else "-"),
+        Target("resume: every index exactly once", once, 0,
+               ("yes" if not once else f"{once:.0f} bad") if once is not None else "-"),
     ]
 
 
@@ -1125,6 +1431,57 @@ def notes(res: dict[str, Any]) -> list[str]:
                    f"{ms(fig(resp, 'to_start_event', 'p50'))}, 2 idle seen after "
                    f"{ms(fig(resp, 'to_idle', 'p50'))}")
     out += remote_notes(res.get("remote") or {})
+    out += batch_notes(res.get("batch") or {})
+    return out
+
+
+def batch_notes(bat: dict[str, Any]) -> list[str]:
+    """The batch section's side facts: the floor, chunk_size=1, the kill and the resume."""
+    out: list[str] = []
+    if "map_seconds" in bat:
+        seconds = bat["map_seconds"]
+        out.append(f"Batch map: {seconds['n']} round(s) of {bat['map_items']:,} items "
+                   f"(ordered=False, default chunks), {ms(seconds['min'])} .. "
+                   f"{ms(seconds['max'])}; {bat['map_failed']} items failed; floor per item "
+                   f"{ms(fig(bat, 'floor_item', 'p50'))} (median of {bat['floor_item']['n']:,} "
+                   f"fresh contexts, input set from JSON text), so the floor time is "
+                   f"{ms(bat['floor_seconds'])} for {bat['map_items']:,} items on {WORKERS} "
+                   "workers")
+        out.append(f"Batch map with chunk_size=1 (a context per item): "
+                   f"{bat['single_rate']:,.0f} items/s over {bat['single_items']:,} items "
+                   f"({bat['single_failed']} failed); the floor's "
+                   f"{bat['floor_rate']:,.0f} items/s is {WORKERS} workers / per-item cost")
+    if "cli_rate" in bat:
+        rates = bat["cli_rate"]
+        out.append(f"Batch CLI: {rates['n']} run(s) of `isobox batch --workers {WORKERS} --quiet` "
+                   f"over {bat['cli_lines']:,} lines, {rates['min']:,.0f} .. "
+                   f"{rates['max']:,.0f} lines/s (wall clock from spawn to exit); each output "
+                   f"had {bat['cli_lines']:,} lines ({bat['cli_output_bytes']:,} bytes)")
+    if "redone" in bat:
+        journal = bat["kill_journaled"]
+        out.append(f"Batch kill: SIGKILL {bat['killed_after']:.2f} s after the start, at "
+                   f"{bat['kill_bytes']:,} bytes, {bat['kill_lines']:,} complete lines"
+                   + (" and a torn one" if bat["kill_torn"] else "") + "; the journal held "
+                   + (f"{journal:,}" if journal is not None else "(unreadable)")
+                   + " indices; " + (f"its processes {bat['kill_outlived']} outlived it"
+                                     if bat["kill_outlived"] else "none of its processes "
+                                     "outlived it"))
+        bad = bat["missing"] + bat["repeated"] + bat["wrong"]
+        out.append(f"Batch resume: {bat['resume_ok']:,} ok + {bat['resume_failed']} failed "
+                   f"run, {bat['resume_already']:,} already done, in "
+                   f"{bat['resume_seconds']:.2f} s ({bat['resume_rate']:,.0f} items/s by its "
+                   f"summary); redone = {bat['resume_ran']:,} - ({bat['map_items']:,} - "
+                   f"{bat['kill_lines']:,}) = {bat['redone']}, bound {bat['in_flight']} "
+                   f"(window {IN_FLIGHT // CLI_CHUNK} x chunk {CLI_CHUNK}): complete lines "
+                   "the resume ran again; items done but not in the file at the kill (in "
+                   "flight, or in the CLI's write buffer) are among the missing ones, so their "
+                   "second run does not count here; final output "
+                   f"{bat['final_lines']:,} lines, "
+                   + ("every index exactly once with the right value" if not bad else
+                      f"NOT exactly once: {bat['missing']} missing, {bat['repeated']} "
+                      f"repeated, {bat['wrong']} wrong records"))
+    if "section_seconds" in bat:
+        out.append(f"Batch: section took {bat['section_seconds']:.0f} s")
     return out
 
 
@@ -1259,6 +1616,7 @@ def run_all(plan: Plan) -> dict[str, Any]:
     guarded(res, "typescript", lambda: bench_typescript(plan))
     guarded(res, "confinement", lambda: bench_confinement(plan))
     guarded(res, "remote", lambda: bench_remote(plan, seen))
+    guarded(res, "batch", lambda: bench_batch(plan, seen))
     res["leftover_pids"] = leftovers(seen)
     return res
 
