@@ -481,7 +481,10 @@ class _BoxCore:
             outcome = engine.session_state(spec) if op == "state" else engine.run(spec, io)
             return reply_body(outcome)
         engine = self._engine()
-        outcome = engine.run(spec, io)
+        if op == "map":
+            outcome = engine.run_chunk(spec, request.body["map_items"], io)
+        else:
+            outcome = engine.run(spec, io)
         if outcome.retire:
             self._engines.engine = None
         else:
@@ -637,12 +640,54 @@ class _BoxCore:
         if self._closed:
             raise ClosedError("the box was shut down")
         sandbox = options.pop("sandbox", None)
-        self._prepare("", dict(options))  # the run options, as run would check them
+        self._prepare("", {**options, "sandbox": sandbox})  # checked as run would check them
         if window is None:
             workers = self._pool.config.max if self._pool is not None else 4
             window = max(2, 2 * workers)
         return MapPlan(code, retries=retries, ordered=bool(ordered), chunk_size=chunk_size,
                        window=window, sandbox=dict(sandbox) if sandbox else None)
+
+    def _chunk_request(self, plan: MapPlan, items: list[Any], options: dict[str, Any]
+                       ) -> tuple[RunRequest, HostFunctions]:
+        """One request for a chunk of map items (the worker's ``map`` op): every item's
+        globals encoded here, the watchdog's budgets scaled to the chunk."""
+        request, host = self._prepare(plan.code, {**options, "sandbox": plan.sandbox})
+        opts = request.options
+        base = dict(opts.sandbox or {})
+        encoded = [values.encode({**base, "input": item}, what="input",
+                                 limit=opts.max_input_size) for item in items]
+        request.body["map_items"] = [[text, tagged] for text, tagged in encoded]
+        request.body.pop("globals_json", None)
+        request.body.pop("tagged", None)
+        request.body["cpu_watch"] = opts.effective_cpu_timeout * len(items)
+        # The supervisor's deadline covers the chunk; each item keeps its own CPU budget and
+        # wall bound in the worker.
+        scaled = dataclasses.replace(opts, timeout=opts.timeout * len(items))
+        return dataclasses.replace(request, options=scaled), host
+
+    def _chunk_outcomes(self, request: RunRequest, reply: dict[str, Any], pid: int | None,
+                        started: float) -> list[tuple[bool, Any]]:
+        """Each item's value or error from a chunk's reply (recorded as runs of their own)."""
+        self._emit_violations(reply)
+        found: list[tuple[bool, Any]] = []
+        outcomes = reply.get("outcomes") or []
+        share = (time.monotonic() - started) / max(1, len(outcomes))
+        for kind, payload in outcomes:
+            error: IsoBoxError | None = None
+            if kind == "R":
+                text = payload.partition("\n")[2]
+                try:
+                    found.append((True, values.decode(text)))
+                except (ValueError, SerializationError) as exc:
+                    error = exc if isinstance(exc, SerializationError) else SerializationError(
+                        "the worker sent a malformed value", path="result")
+            else:
+                error = self._error_for(kind, payload, request)
+            if error is not None:
+                error.worker_pid = pid
+                found.append((False, error))
+            self._record(share, 0.0, 0, error, pid)
+        return found
 
     def _remote_send(self, request: RunRequest, host: HostFunctions,
                      session: SessionState | None, *, sink: Any, started: float,
@@ -960,7 +1005,12 @@ class IsoBox(_BoxCore):
         def execute(code: str, sandbox: dict[str, Any]) -> ExecutionResult:
             return self.execute(code, **options, sandbox=sandbox)
 
-        yield from map_sync(plan, inputs, execute, threads=plan.window)
+        def run_items(items: list[Any]) -> list[tuple[bool, Any]]:
+            request, host = self._chunk_request(plan, items, options)
+            reply, pid, started, _streamed = self._send(request, host, op="map")
+            return self._chunk_outcomes(request, reply, pid, started)
+
+        yield from map_sync(plan, inputs, execute, run_items, threads=plan.window)
 
     def create_session(self, session_id: str, *, ttl: float | None = 600.0,
                        **options: Any) -> Session:
@@ -1256,7 +1306,12 @@ class AsyncIsoBox(_BoxCore):
         async def execute(code: str, sandbox: dict[str, Any]) -> ExecutionResult:
             return await self.execute(code, **options, sandbox=sandbox)
 
-        async for item in map_async(plan, inputs, execute):
+        async def run_items(items: list[Any]) -> list[tuple[bool, Any]]:
+            request, host = self._chunk_request(plan, items, options)
+            reply, pid, started, _streamed = await self._send(request, host, op="map")
+            return self._chunk_outcomes(request, reply, pid, started)
+
+        async for item in map_async(plan, inputs, execute, run_items):
             yield item
 
     async def create_session(self, session_id: str, *, ttl: float | None = 600.0,

@@ -2,16 +2,16 @@
 
 How items run (decided here, carried out by :func:`map_sync` and :func:`map_async`):
 
-- Items go to the workers in **chunks**: one run evaluates the code once per item of the chunk,
-  in one fresh context, with the item as the global ``input``; each item's completion value (or
-  what it threw) is its own outcome. A chunk costs one round trip and one context instead of
-  one per item, which is what lets small items run near the pool's full speed. Items of one
-  chunk share that context (like a warm serverless container): a script must not count on its
+- Items go to the workers in **chunks**: one request runs the code once per item of the chunk
+  (the worker's ``map`` op, :meth:`Engine.run_chunk`), with the item as the global ``input``,
+  each item a run of its own (its CPU budget, its value or error, its violations) in one
+  fresh context for the chunk. A chunk costs one round trip and one context instead of one per
+  item, which is what lets small items run near the pool's full speed. Items of one chunk
+  share that context (like a warm serverless container): a script must not count on its
   globals between items. ``chunk_size=1`` gives every item a context of its own.
-- A chunk that fails as a whole (a timeout, the memory limit, a value that cannot cross, a
-  worker that died) is **split**: each of its items runs alone, so the failure lands on the item
-  that caused it and the others succeed. Code with a top-level ``await`` always runs item by
-  item (a chunk evaluates the code with ``eval``, which has no top-level await).
+- A chunk that fails as a whole (the watchdog's timeout, a request too large, a worker that
+  died) is **split**: each of its items runs alone, so the failure lands on the item that
+  caused it and the others succeed.
 - An item whose worker died is **retried** on a fresh worker up to ``retries`` times, then
   recorded as failed with :class:`WorkerCrashedError`. Timeouts, memory bombs and throws are
   not retried: they would fail again.
@@ -25,8 +25,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
-import json
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,43 +32,12 @@ from typing import Any
 from isobox.errors import (
     IsoBoxError,
     MemoryLimitError,
-    ScriptError,
-    SecurityError,
     SerializationError,
     TimeoutError,
     WorkerCrashedError,
 )
 
 __all__ = ["BatchItem", "MapPlan", "map_async", "map_sync"]
-
-_ITEMS = "__isoboxMapItems"
-_TRAPPED = frozenset(f"{name} is not defined"
-                     for name in ("process", "require", "Buffer", "global", "module"))
-_AWAIT = re.compile(r"\bawait\b")
-# The chunk runner. It runs before any item and keeps what it needs in its closure, so an
-# item that replaces a built-in cannot change how the others are recorded (only its own value).
-_CHUNK = """(async () => {
-  const items = globalThis.%(items)s, ev = eval, dp = Object.defineProperty, P = Promise;
-  const S = String, out = [];
-  delete globalThis.%(items)s;
-  const put = (i, v) => dp(out, i,
-    {value: v, enumerable: true, writable: true, configurable: true});
-  for (let i = 0; i < items.length; i++) {
-    globalThis.input = items[i];
-    try {
-      let v = ev(%(code)s);
-      if (v instanceof P) v = await v;
-      put(i, [true, v]);
-    } catch (e) {
-      let name = 'Error', message = '', stack = '';
-      try { name = S(e.name); message = S(e.message); stack = S(e.stack || ''); }
-      catch (_) { try { message = S(e); } catch (_2) { message = '(unreadable)'; } }
-      put(i, [false, [name, message, stack]]);
-    }
-  }
-  return out;
-})()"""
-
 
 @dataclass(frozen=True, slots=True)
 class BatchItem:
@@ -105,46 +72,19 @@ class MapPlan:
 
     @property
     def chunked(self) -> bool:
-        return self.chunk_size > 1 and not _AWAIT.search(self.code)
-
-    def chunk_code(self) -> str:
-        return _CHUNK % {"items": _ITEMS, "code": json.dumps(self.code)}
-
-    def chunk_sandbox(self, items: list[Any]) -> dict[str, Any]:
-        return {**(self.sandbox or {}), _ITEMS: items}
+        return self.chunk_size > 1
 
     def item_sandbox(self, item: Any) -> dict[str, Any]:
         return {**(self.sandbox or {}), "input": item}
 
 
-def chunk_outcomes(start: int, value: Any, count: int) -> list[BatchItem] | None:
-    """The items of a chunk run's value, or None if it is not what the chunk runner returns
-    (a script that broke the runner: its items then run alone)."""
-    if not isinstance(value, list) or len(value) != count:
-        return None
-    items: list[BatchItem] = []
-    for offset, entry in enumerate(value):
-        if not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], bool):
-            return None
-        if entry[0]:
-            items.append(BatchItem(start + offset, True, entry[1]))
-            continue
-        parts = entry[1]
-        if not isinstance(parts, list) or len(parts) != 3:
-            return None
-        name, message, stack = (str(p) for p in parts)
-        # The trapped Node globals throw this (and record a violation): as in run, uncaught
-        # it is a SecurityError.
-        kind = SecurityError if name == "ReferenceError" and message in _TRAPPED else ScriptError
-        items.append(BatchItem(start + offset, False,
-                               error=kind(message, name=name, stack=stack)))
-    return items
-
-
 # Failures of a whole chunk that say nothing about which item caused them: split it.
-_SPLIT = (TimeoutError, MemoryLimitError, SerializationError, WorkerCrashedError, ScriptError)
+_SPLIT = (TimeoutError, MemoryLimitError, SerializationError, WorkerCrashedError)
 
 Execute = Callable[[str, dict[str, Any]], Any]  # (code, sandbox) -> ExecutionResult
+# A chunk's items -> an outcome per item, in order: (True, value) or (False, error). It may
+# return fewer than it was given (the worker retired mid-chunk): the rest then run alone.
+RunItems = Callable[[list[Any]], list[tuple[bool, Any]]]
 
 
 def _run_alone(plan: MapPlan, execute: Execute, index: int, item: Any) -> BatchItem:
@@ -162,17 +102,22 @@ def _run_alone(plan: MapPlan, execute: Execute, index: int, item: Any) -> BatchI
         return BatchItem(index, True, value, attempts=attempts)
 
 
-def run_chunk(plan: MapPlan, execute: Execute, start: int, items: list[Any]) -> list[BatchItem]:
+def _outcomes(start: int, found: list[tuple[bool, Any]]) -> list[BatchItem]:
+    return [BatchItem(start + i, ok, value if ok else None, None if ok else value)
+            for i, (ok, value) in enumerate(found)]
+
+
+def run_chunk(plan: MapPlan, execute: Execute, run_items: RunItems, start: int,
+              items: list[Any]) -> list[BatchItem]:
     """Outcomes of one chunk (sync): together if possible, else each item alone."""
+    done: list[BatchItem] = []
     if plan.chunked and len(items) > 1:
         try:
-            value = execute(plan.chunk_code(), plan.chunk_sandbox(items)).value
+            done = _outcomes(start, run_items(items)[: len(items)])
         except _SPLIT:
-            value = None
-        found = chunk_outcomes(start, value, len(items))
-        if found is not None:
-            return found
-    return [_run_alone(plan, execute, start + i, item) for i, item in enumerate(items)]
+            done = []
+    return done + [_run_alone(plan, execute, start + i, item)
+                   for i, item in enumerate(items) if i >= len(done)]
 
 
 def _ready(done: dict[int, list[BatchItem]], next_out: int, *,
@@ -201,7 +146,7 @@ def _chunks(inputs: Iterable[Any], size: int) -> Iterator[tuple[int, list[Any]]]
         start += len(batch)
 
 
-def map_sync(plan: MapPlan, inputs: Iterable[Any], execute: Execute,
+def map_sync(plan: MapPlan, inputs: Iterable[Any], execute: Execute, run_items: RunItems,
              threads: int) -> Iterator[BatchItem]:
     """The sync ``map``: chunks run on ``threads`` threads; results as they finish (in input
     order when ``plan.ordered``)."""
@@ -220,7 +165,7 @@ def map_sync(plan: MapPlan, inputs: Iterable[Any], execute: Execute,
                 if chunk is None:
                     exhausted = True
                     break
-                pending[pool.submit(run_chunk, plan, execute, *chunk)] = submitted
+                pending[pool.submit(run_chunk, plan, execute, run_items, *chunk)] = submitted
                 submitted += 1
             if not pending and not done:
                 return
@@ -255,22 +200,24 @@ async def _arun_alone(plan: MapPlan, execute: AExecute, index: int, item: Any) -
         return BatchItem(index, True, value, attempts=attempts)
 
 
-async def arun_chunk(plan: MapPlan, execute: AExecute, start: int,
+ARunItems = Callable[[list[Any]], Awaitable[list[tuple[bool, Any]]]]
+
+
+async def arun_chunk(plan: MapPlan, execute: AExecute, run_items: ARunItems, start: int,
                      items: list[Any]) -> list[BatchItem]:
     """The asyncio twin of :func:`run_chunk`."""
+    done: list[BatchItem] = []
     if plan.chunked and len(items) > 1:
         try:
-            value = (await execute(plan.chunk_code(), plan.chunk_sandbox(items))).value
+            done = _outcomes(start, (await run_items(items))[: len(items)])
         except _SPLIT:
-            value = None
-        found = chunk_outcomes(start, value, len(items))
-        if found is not None:
-            return found
-    return [await _arun_alone(plan, execute, start + i, item) for i, item in enumerate(items)]
+            done = []
+    return done + [await _arun_alone(plan, execute, start + i, item)
+                   for i, item in enumerate(items) if i >= len(done)]
 
 
-async def map_async(plan: MapPlan, inputs: Iterable[Any], execute: AExecute
-                    ) -> AsyncIterator[BatchItem]:
+async def map_async(plan: MapPlan, inputs: Iterable[Any], execute: AExecute,
+                    run_items: ARunItems) -> AsyncIterator[BatchItem]:
     """The asyncio ``map``: chunks run as tasks; the same order and bounds as :func:`map_sync`."""
     chunks = _chunks(inputs, plan.chunk_size)
     pending: dict[asyncio.Task[list[BatchItem]], int] = {}
@@ -285,7 +232,8 @@ async def map_async(plan: MapPlan, inputs: Iterable[Any], execute: AExecute
                 if chunk is None:
                     exhausted = True
                     break
-                pending[asyncio.ensure_future(arun_chunk(plan, execute, *chunk))] = submitted
+                pending[asyncio.ensure_future(arun_chunk(plan, execute, run_items, *chunk))] = \
+                    submitted
                 submitted += 1
             if not pending and not done:
                 return

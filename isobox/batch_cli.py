@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -39,8 +41,28 @@ def _json_default(obj: object) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and the infinities as None, as JSON.stringify writes them: strict
+    JSON has no token for them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
+def _strict_json(value: Any) -> str:
+    """Strict JSON, ASCII (a lone surrogate becomes an escape, not invalid UTF-8)."""
+    try:
+        return json.dumps(value, default=_json_default, allow_nan=False)
+    except ValueError:  # a NaN or an infinity somewhere: the slow path, only then
+        return json.dumps(_finite(value), default=_json_default, allow_nan=False)
+
+
 def _value_json(value: Any) -> str:
-    return json.dumps(value, default=_json_default, ensure_ascii=False, allow_nan=True)
+    return _strict_json(value)
 
 
 class _Failed:
@@ -59,17 +81,28 @@ def _read_jsonl(path: Path) -> Iterator[Any]:
                 yield _Failed(f"line {number} is not valid JSON: {exc}")
 
 
+_BAD_BYTES = re.compile("[\udc80-\udcff]")  # what surrogateescape made of bytes not UTF-8
+
+
 def _read_csv(path: Path) -> Iterator[Any]:
-    with path.open("r", encoding="utf-8", newline="") as fh:
+    """Rows as dicts; a row that cannot be read is a failed item and the next rows go on."""
+    csv.field_size_limit(64 * 2**20)  # beyond that a field fails its row (not the file)
+    with path.open("r", encoding="utf-8", errors="surrogateescape", newline="") as fh:
         reader = csv.DictReader(fh)
-        try:
-            for row in reader:
-                if None in row:  # more fields than the header names
-                    yield _Failed(f"row {reader.line_num} has more fields than the header")
-                else:
-                    yield dict(row)
-        except (csv.Error, UnicodeDecodeError) as exc:
-            yield _Failed(f"row {reader.line_num} cannot be read: {exc}")
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield _Failed(f"row {reader.line_num} cannot be read: {exc}")
+                continue
+            if None in row:  # more fields than the header names
+                yield _Failed(f"row {reader.line_num} has more fields than the header")
+            elif any(_BAD_BYTES.search(str(v)) for v in row.values()):
+                yield _Failed(f"row {reader.line_num} is not valid UTF-8")
+            else:
+                yield dict(row)
 
 
 class _Writer:
@@ -96,25 +129,28 @@ class _Writer:
         else:
             err_type, err_msg = error or ("IsoBoxError", "")
             entry["error"] = {"type": err_type, "message": err_msg}
-        return (json.dumps(entry, default=_json_default, ensure_ascii=False) + "\n").encode(
-            "utf-8", "surrogatepass")
+        return (_strict_json(entry) + "\n").encode("ascii")
 
     @staticmethod
     def _csv_line(fields: list[str]) -> bytes:
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerow(fields)
-        return buf.getvalue().encode("utf-8", "surrogatepass")
+        return buf.getvalue().encode("utf-8", "backslashreplace")  # lone surrogates escaped
 
-    def index_of(self, line: bytes) -> int | None:
-        """The index of a complete output line (None for the CSV header or a bad line)."""
+    def index_of(self, line: bytes) -> tuple[int, bool] | None:
+        """The index of a complete output line and whether it was a success (None for the
+        CSV header or a line that is not a record)."""
         try:
             if self.fmt == "csv":
-                first = line.split(b",", 1)[0]
-                return int(first) if first.isdigit() else None
-            found = json.loads(line).get("index")
+                parts = line.split(b",", 2)
+                if len(parts) < 2 or not parts[0].isdigit():
+                    return None
+                return int(parts[0]), parts[1] == b"true"
+            found = json.loads(line)
+            index = found.get("index")
         except (ValueError, AttributeError):
             return None
-        return found if isinstance(found, int) else None
+        return (index, found.get("ok") is True) if isinstance(index, int) else None
 
 
 def _format(path: Path, given: str | None) -> str:
@@ -138,14 +174,16 @@ def _count_records(path: Path, fmt: str) -> int:
               help="Where the result records go (the journal is OUTPUT.journal).")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default=None,
               help="Input and output format [by the input's extension: .csv is CSV].")
-@click.option("--workers", type=int, default=2, show_default=True, help="Worker processes.")
-@click.option("--timeout", type=float, default=30.0, show_default=True,
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Worker processes.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              show_default=True,
               help="Wall-clock seconds per item (the CPU budget is the same).")
-@click.option("--memory", type=int, default=128 * 2**20, show_default=True,
+@click.option("--memory", type=click.IntRange(min=1), default=128 * 2**20, show_default=True,
               help="JS heap limit in bytes, per item.")
-@click.option("--retries", type=int, default=2, show_default=True,
+@click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
               help="Runs again an item whose worker crashed, this many times.")
-@click.option("--chunk-size", type=int, default=64, show_default=True,
+@click.option("--chunk-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Items per run (1: a fresh context for every item).")
 @click.option("--address", envvar="ISOBOX_ADDRESS", default=None,
               help="Run on an isobox-supervisor daemon (unix:///path or tcp://host:port) "
@@ -172,15 +210,17 @@ def batch_command(  # noqa: PLR0917 - click passes one argument per option
     except JournalMismatch as exc:
         raise click.UsageError(str(exc)) from None
     writer = _Writer(fmt)
-    done = journal.recover(output_path, writer.index_of) if resume else set()
+    try:
+        done, failed_before = (journal.recover(output_path, writer.index_of) if resume
+                               else (set(), 0))
+    except JournalMismatch as exc:
+        journal.close()
+        raise click.UsageError(str(exc)) from None
     from isobox.api import IsoBox  # noqa: PLC0415 - keep `isobox --help` light
 
-    where: dict[str, Any] = {"pool": {"min": workers, "max": workers}, "typescript": "lazy"}
-    if address is not None:
-        token = token_file.read_text(encoding="utf-8").strip() if token_file else None
-        where = {"address": address, "token": token}
     try:
-        box = IsoBox(timeout=timeout, memory_limit=memory, **where)
+        box = IsoBox(timeout=timeout, memory_limit=memory,
+                     **_where(workers, address, token_file))
     except (TypeError, ValueError) as exc:
         journal.close()
         raise click.UsageError(str(exc)) from None
@@ -188,7 +228,7 @@ def batch_command(  # noqa: PLR0917 - click passes one argument per option
         journal.close()
         click.echo(f"isobox: {type(exc).__name__}: {exc}", err=True)
         sys.exit(7)
-    stats = {"ok": 0, "failed": 0, "skipped": len(done)}
+    stats = {"ok": 0, "failed": 0, "skipped": len(done), "failed_before": failed_before}
     started = time.monotonic()
     try:
         with output_path.open("ab") as out:
@@ -209,7 +249,15 @@ def batch_command(  # noqa: PLR0917 - click passes one argument per option
         click.echo(f"isobox batch: {stats['ok']} ok, {stats['failed']} failed, "
                    f"{stats['skipped']} already done; {rate:,.0f} items/s; "
                    f"output {output_path}", err=True)
-    sys.exit(EXIT_FAILED_ITEMS if stats["failed"] else 0)
+    sys.exit(EXIT_FAILED_ITEMS if stats["failed"] or stats["failed_before"] else 0)
+
+
+def _where(workers: int, address: str | None, token_file: Path | None) -> dict[str, Any]:
+    """The box's options for where items run: its own workers, or a daemon's."""
+    if address is None:
+        return {"pool": {"min": workers, "max": workers}, "typescript": "lazy"}
+    token = token_file.read_text(encoding="utf-8").strip() if token_file else None
+    return {"address": address, "token": token}
 
 
 @dataclass
@@ -230,38 +278,34 @@ def _run(box: Any, job: _Job, code: str, *, retries: int, chunk_size: int,
     done, out, journal, writer, stats = job.done, job.out, job.journal, job.writer, job.stats
     records = _read_csv(job.input_path) if job.fmt == "csv" else _read_jsonl(job.input_path)
     position: dict[int, int] = {}  # map's index -> input index (only those in flight)
-    unreadable: list[tuple[int, str]] = []
+
+    def emit(index: int, data: bytes, ok: bool) -> None:
+        out.write(data)
+        journal.add(index, ok)
+        stats["ok" if ok else "failed"] += 1
+        if journal.due():
+            journal.checkpoint(out)
 
     def pending() -> Iterator[Any]:
+        # map pulls this on the thread that writes: a record that cannot be read is written
+        # as a failed item right here (never buffered, however many there are).
         fed = 0
         for index, record in enumerate(records):
             if index in done:
                 continue
             if isinstance(record, _Failed):
-                unreadable.append((index, record.message))
+                emit(index, writer.record(index, False, error=("InputError", record.message)),
+                     False)
                 continue
             position[fed] = index
             fed += 1
             yield record
-
-    def emit(index: int, data: bytes, ok: bool) -> None:
-        out.write(data)
-        journal.add(index)
-        stats["ok" if ok else "failed"] += 1
-        if journal.due():
-            journal.checkpoint(out)
-
-    def flush_unreadable() -> None:
-        while unreadable:
-            index, message = unreadable.pop(0)
-            emit(index, writer.record(index, False, error=("InputError", message)), False)
 
     progress = _progress(job.input_path, job.fmt, len(done), quiet)
     try:
         item: BatchItem
         for item in box.map(code, pending(), retries=retries, ordered=False,
                             chunk_size=chunk_size):
-            flush_unreadable()
             index = position.pop(item.index)
             if item.ok:
                 data = writer.record(index, True, item.value)
@@ -271,7 +315,6 @@ def _run(box: Any, job: _Job, code: str, *, retries: int, chunk_size: int,
             emit(index, data, item.ok)
             if progress is not None:
                 progress.advance()
-        flush_unreadable()
     finally:
         journal.checkpoint(out)
         if progress is not None:

@@ -27,7 +27,7 @@ __all__ = ["Journal", "JournalMismatch"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS done (idx INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS done (idx INTEGER PRIMARY KEY, ok INTEGER NOT NULL DEFAULT 1);
 """
 
 
@@ -63,7 +63,7 @@ class Journal:
             self.db.execute("DELETE FROM meta")
             self.db.execute("INSERT INTO meta VALUES ('job', ?), ('offset', '0')", (job,))
             self.db.execute("COMMIT")
-        self.pending: list[int] = []
+        self.pending: list[tuple[int, bool]] = []
         self.last_commit = time.monotonic()
 
     def _meta(self, key: str) -> str | None:
@@ -79,30 +79,36 @@ class Journal:
         """Indices journaled as done."""
         return {int(row[0]) for row in self.db.execute("SELECT idx FROM done")}
 
-    def recover(self, out: Path, index_of: Callable[[bytes], int | None]) -> set[int]:
-        """Indices done (journal plus the lines written after its checkpoint); cuts a torn
-        last line off the output and journals what it found."""
+    def recover(self, out: Path, index_of: Callable[[bytes], tuple[int, bool] | None]
+                ) -> tuple[set[int], int]:
+        """Indices done (journal plus the lines written after its checkpoint) and how many
+        of them failed; cuts a torn last line off the output and journals what it found.
+        An output that is missing or shorter than the journal says is a mismatch: resuming
+        would lose records."""
         done = self.done()
-        if not out.exists():
-            return done
         offset = self.offset
+        size = out.stat().st_size if out.exists() else -1
+        if size < offset:
+            raise JournalMismatch(f"--resume: {out} is missing or shorter than its journal "
+                                  "records; remove the journal to start the job again")
         with out.open("r+b") as fh:
             fh.seek(offset)
             tail = fh.read()
             keep = tail.rfind(b"\n") + 1  # 0 if no complete line follows the checkpoint
             for line in tail[:keep].splitlines():
-                index = index_of(line)
-                if index is not None:
-                    done.add(index)
-                    self.pending.append(index)
+                found = index_of(line)
+                if found is not None:
+                    done.add(found[0])
+                    self.pending.append(found)
             fh.truncate(offset + keep)
             fh.flush()
             os.fsync(fh.fileno())
         self.commit(offset + keep)
-        return done
+        failed = int(self.db.execute("SELECT COUNT(*) FROM done WHERE ok = 0").fetchone()[0])
+        return done, failed
 
-    def add(self, index: int) -> None:
-        self.pending.append(index)
+    def add(self, index: int, ok: bool = True) -> None:
+        self.pending.append((index, ok))
 
     def due(self, every: float = 0.5, batch: int = 5000) -> bool:
         """Whether it is time to checkpoint."""
@@ -117,8 +123,8 @@ class Journal:
 
     def commit(self, offset: int) -> None:
         self.db.execute("BEGIN")
-        self.db.executemany("INSERT OR IGNORE INTO done VALUES (?)",
-                            ((i,) for i in self.pending))
+        self.db.executemany("INSERT OR IGNORE INTO done VALUES (?, ?)",
+                            ((i, int(ok)) for i, ok in self.pending))
         self.db.execute("UPDATE meta SET value = ? WHERE key = 'offset'", (str(offset),))
         self.db.execute("COMMIT")
         self.pending = []

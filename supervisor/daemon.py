@@ -154,11 +154,19 @@ def _field_ok(key: str, value: Any, config: DaemonConfig) -> bool:
         return type(value) is int and value > 0
     if key in _DICT:
         return isinstance(value, dict)
+    if key == "op":
+        return bool(value == "map")  # a chunk of map items; sessions and streams use API frames
+    if key == "map_items":
+        return isinstance(value, list) and all(
+            isinstance(i, list) and len(i) == 2 and isinstance(i[0], str)
+            and type(i[1]) is bool for i in value)
+    if key == "cpu_watch":
+        return type(value) in (int, float) and value > 0
     if key == "functions":
         return isinstance(value, list) and all(
             isinstance(f, list) and len(f) == 2 and isinstance(f[0], str) and type(f[1]) is bool
             for f in value)
-    if key in ("session", "stream", "op", "restore_json", "restore_tagged", "drop"):
+    if key in ("session", "stream", "restore_json", "restore_tagged", "drop"):
         raise DaemonError(f"{key!r} is not available over a remote connection yet "
                           "(sessions and streams run in embedded mode)")
     raise DaemonError(f"unknown run field {key!r}")
@@ -646,6 +654,8 @@ class Daemon:
         try:
             body = check_body(body, self.config)
             timeout = float(body["wall_timeout"])
+            if isinstance(body.get("map_items"), list):  # a chunk: each item has the timeout
+                timeout *= max(1, len(body["map_items"]))
             deadline = started + timeout
             kill_at = deadline + min(1.0, 0.02 + 0.1 * timeout)
             level = priority if type(priority) is int else 0

@@ -870,7 +870,9 @@ class CpuWatch:
     @classmethod
     def of(cls, handle: WorkerHandle, body: dict[str, Any]) -> CpuWatch | None:
         """A watch for a run whose baseline is known (not after a stream), else None."""
-        limit, base = body.get("cpu_timeout"), getattr(handle, "run_cpu_base", None)
+        # A map chunk's items each have the run's budget: the watch allows their sum.
+        limit = body.get("cpu_watch", body.get("cpu_timeout"))
+        base = getattr(handle, "run_cpu_base", None)
         if base is None or not isinstance(limit, int | float) or limit <= 0:
             return None
         return cls(handle, base, float(limit))
@@ -959,6 +961,11 @@ def _checked_result(body: dict[str, Any]) -> dict[str, Any]:
             raise ProtocolError("malformed RESULT frame: the error record is not an object")
     elif kind == "R" and "\n" not in payload:
         raise ProtocolError("malformed RESULT frame: a value without its type")
+    outcomes = body.get("outcomes")
+    if outcomes is not None and not (isinstance(outcomes, list) and all(
+            isinstance(o, list) and len(o) == 2 and isinstance(o[0], str) and o[0] in _KINDS
+            and isinstance(o[1], str) for o in outcomes)):
+        raise ProtocolError("malformed RESULT frame: map outcomes")
     body["console"] = _console_lines(body.get("console", []), "RESULT")
     return body
 

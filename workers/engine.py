@@ -104,6 +104,7 @@ class RunOutcome:
     violations: list[dict[str, Any]] = field(default_factory=list)  # security:violation events
     transpiled: str | None = None  # the JS a TypeScript snippet became (the caller caches it)
     files: dict[str, Any] | None = None  # MemFS content at the end: {path: ["t"|"b", data]}
+    outcomes: list[list[str]] | None = None  # a chunk of map items: [kind, payload] each
 
 
 _SPEC_FIELDS = frozenset(RunSpec.__dataclass_fields__)
@@ -451,8 +452,10 @@ class Engine:
             outcome.files = drive.files()
         return outcome
 
-    def _guard(self, drive: _Drive, body: Callable[[], RunOutcome]) -> RunOutcome:
-        """Run ``body``, turning engine-level failures into outcomes; figures filled in."""
+    def _guard(self, drive: _Drive, body: Callable[[], RunOutcome], *,
+               measure: bool = True) -> RunOutcome:
+        """Run ``body``, turning engine-level failures into outcomes; figures filled in
+        (the heap figure walks the whole heap: a chunk's items skip it but the last)."""
         drive.budget.resume()
         try:
             outcome = body()
@@ -469,8 +472,9 @@ class Engine:
             outcome = RunOutcome("E", json.dumps(record), retire=True)
         drive.budget.pause()
         outcome.cpu_time = drive.budget.used()
-        with contextlib.suppress(Exception):  # a poisoned runtime may refuse; figure is optional
-            outcome.memory = int(drive.jc.ctx.memory()["memory_used_size"])
+        if measure:
+            with contextlib.suppress(Exception):  # a poisoned runtime may refuse; optional
+                outcome.memory = int(drive.jc.ctx.memory()["memory_used_size"])
         return outcome
 
     def _after_session_run(self, drive: _Drive, outcome: RunOutcome) -> None:
@@ -506,6 +510,42 @@ class Engine:
             return RunOutcome("R", "object\n" + state, state=state)
 
         return self._guard(drive, body)
+
+    # -- map chunks ------------------------------------------------------------------------
+    def run_chunk(self, spec: RunSpec, items: list[Any],
+                  on_output: OutputSink | EngineIO | None = None) -> RunOutcome:
+        """Run ``spec.code`` once per item of a ``map`` chunk, each ``[globals_json, tagged]``
+        (the item as the global ``input``), in one fresh context: one context and one round
+        trip for the chunk instead of one per item. Each item is a run of its own (its own
+        CPU budget, value or error conversion, violations); a context an item may have left
+        damaged or busy (anything but a value or a throw) is replaced before the next item.
+        TypeScript is transpiled once, by the first item."""
+        io = on_output if isinstance(on_output, EngineIO) else _SinkIO(on_output)
+        chunk = RunOutcome("R", "undefined\nnull", outcomes=[])
+        jc: JsContext | None = None
+        for number, entry in enumerate(items):
+            item = replace(spec, globals_json=str(entry[0]), tagged=bool(entry[1]))
+            if jc is None:
+                drive = self._begin(item, io)
+                jc = drive.jc
+            else:
+                drive = _Drive(self, jc, item, io)
+            outcome = self._guard(drive, lambda d=drive: self._run(d),  # type: ignore[misc]
+                                  measure=number == len(items) - 1)
+            if spec.typescript and outcome.transpiled is not None:
+                spec = replace(spec, code=outcome.transpiled, typescript=False)
+            chunk.cpu_time += outcome.cpu_time
+            chunk.memory = max(chunk.memory, outcome.memory)
+            chunk.console += outcome.console
+            chunk.violations += outcome.violations
+            if chunk.outcomes is not None:
+                chunk.outcomes.append([outcome.kind, outcome.payload])
+            if outcome.retire:
+                chunk.retire = True
+                break  # the process may be damaged: the client runs the rest elsewhere
+            if outcome.kind not in "RE":
+                jc = None
+        return chunk
 
     # -- streams ---------------------------------------------------------------------------
     def open_stream(self, spec: RunSpec, io: EngineIO | None = None) -> Stream:

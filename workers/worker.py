@@ -61,6 +61,8 @@ def reply_body(outcome: RunOutcome) -> dict[str, Any]:
         body["transpiled"] = outcome.transpiled
     if outcome.files is not None:
         body["files"] = outcome.files
+    if outcome.outcomes is not None:
+        body["outcomes"] = outcome.outcomes
     return body
 
 
@@ -194,7 +196,8 @@ def _handle(chan: Channel, engine: Engine, body: dict[str, Any]) -> RunOutcome:
     for sid in body.get("drop", ()):
         engine.drop_session(str(sid))
     op = body.get("op", "run")
-    fields = {k: v for k, v in body.items() if k not in ("op", "drop", "window")}
+    fields = {k: v for k, v in body.items()
+              if k not in ("op", "drop", "window", "map_items", "cpu_watch")}
     spec = RunSpec.from_body(fields)
     if op == "run":
         return engine.run(spec, chan)
@@ -203,6 +206,12 @@ def _handle(chan: Channel, engine: Engine, body: dict[str, Any]) -> RunOutcome:
                        max(1, int(body.get("window", 256))))
     if op == "state":
         return engine.session_state(spec)
+    if op == "map":
+        items = body.get("map_items")
+        if not isinstance(items, list) or not all(
+                isinstance(i, list) and len(i) == 2 for i in items):
+            raise TypeError("map_items must be [[globals_json, tagged], ...]")
+        return engine.run_chunk(spec, items, chan)
     if op == "drop":
         return RunOutcome("R", "undefined\nnull")
     raise TypeError(f"unknown op {op!r}")
