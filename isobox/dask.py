@@ -110,4 +110,5 @@ def run_batch(client: Any, code: str, inputs: Iterable[Any], *, partition_size: 
     items: list[BatchItem] = []
     for records in client.gather(futures):
         items.extend(to_items(records))
+    items.sort(key=lambda item: item.index)  # input order, whatever map options were given
     return items

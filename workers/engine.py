@@ -105,6 +105,7 @@ class RunOutcome:
     transpiled: str | None = None  # the JS a TypeScript snippet became (the caller caches it)
     files: dict[str, Any] | None = None  # MemFS content at the end: {path: ["t"|"b", data]}
     outcomes: list[list[str]] | None = None  # a chunk of map items: [kind, payload] each
+    redo: bool = False  # a map item to run again in a fresh context (see _SetupFailed)
 
 
 _SPEC_FIELDS = frozenset(RunSpec.__dataclass_fields__)
@@ -173,6 +174,15 @@ class _WallExpired(Exception):
     pass
 
 
+class _SetupFailed(Exception):
+    """A map item's globals could not be installed in its chunk's context (an earlier item
+    froze the global object or made ``input`` read-only): the item goes to a fresh context."""
+
+
+# What the prelude answers when something outside the script's own try failed (setup).
+_FAIL_PREFIX = 'E2:[]{"name":"IsoBoxInternal"'
+
+
 class JsContext:
     """One QuickJS context with the trusted prelude: a fresh run's, or a session's."""
 
@@ -202,6 +212,7 @@ class _Drive:
         self.wall = time.monotonic() + spec.wall_timeout
         self.unlimited = spec.unlimited
         self.next_flush = 0.0
+        self.reused = False  # a later item of a map chunk, in a context earlier items used
 
     def call(self, op: str, arg: str = "", *, user: bool = False) -> str:
         """One call into the prelude under the remaining budget (no limit when ``user`` code
@@ -322,7 +333,9 @@ class _Drive:
         if self.unlimited and not self.jc.host_bound:
             self.jc.ctx.add_callable("__isoboxHost", self.engine.host_trampoline)
             self.jc.host_bound = True
-        self.call("run", self.request(), user=True)
+        answer = self.call("run", self.request(), user=True)
+        if self.reused and answer.startswith(_FAIL_PREFIX):
+            raise _SetupFailed
 
     def settle(self) -> str:
         """Drive jobs, timers and host replies until the run's value is ready; its finish."""
@@ -465,6 +478,8 @@ class Engine:
             outcome = _timeout_outcome(drive)
         except _WallExpired:
             outcome = RunOutcome("W", "{}", _take_console(drive))
+        except _SetupFailed:
+            outcome = RunOutcome("E", "{}", redo=True)
         except Exception as exc:  # the binding failed to convert something: never crash the worker
             log.debug("isobox engine failure", exc_info=exc)
             record = {"name": "InternalError", "stack": "",
@@ -525,13 +540,18 @@ class Engine:
         jc: JsContext | None = None
         for number, entry in enumerate(items):
             item = replace(spec, globals_json=str(entry[0]), tagged=bool(entry[1]))
-            if jc is None:
+            last = number == len(items) - 1
+            outcome = None
+            if jc is not None:
+                drive = _Drive(self, jc, item, io)
+                drive.reused = True
+                outcome = self._guard(drive, lambda d=drive: self._run(d),  # type: ignore[misc]
+                                      measure=last)
+            if outcome is None or outcome.redo:
                 drive = self._begin(item, io)
                 jc = drive.jc
-            else:
-                drive = _Drive(self, jc, item, io)
-            outcome = self._guard(drive, lambda d=drive: self._run(d),  # type: ignore[misc]
-                                  measure=number == len(items) - 1)
+                outcome = self._guard(drive, lambda d=drive: self._run(d),  # type: ignore[misc]
+                                      measure=last)
             if spec.typescript and outcome.transpiled is not None:
                 spec = replace(spec, code=outcome.transpiled, typescript=False)
             chunk.cpu_time += outcome.cpu_time

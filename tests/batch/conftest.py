@@ -1,0 +1,27 @@
+"""Fixtures of the batch tests: a shared box for the map tests that leave it as they found it,
+and a check that no fork server or sandbox worker outlives a test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from batch_helpers import no_isobox_leftovers
+
+from isobox import IsoBox
+
+
+@pytest.fixture(scope="module")
+def box() -> Iterator[IsoBox]:
+    """One box with 2 workers for a module's tests that do not kill its workers."""
+    with IsoBox(timeout=10.0, pool={"min": 2, "max": 2}) as b:
+        b.warmup_pool()
+        yield b
+
+
+@pytest.fixture
+def no_leftovers() -> Iterator[None]:
+    """Fail the test if a fork server or sandbox worker that appeared during it (under this
+    process, orphans included) is still running 10 s after it."""
+    with no_isobox_leftovers():
+        yield
