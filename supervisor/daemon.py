@@ -22,14 +22,12 @@ import contextlib
 import dataclasses
 import functools
 import hmac
-import itertools
 import logging
 import os
 import signal
 import socket
 import stat
 import time
-from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +50,7 @@ from isobox.protocol import (
     ProtocolError,
     encode_frame,
 )
+from isobox.supervisor.connection import Client
 from isobox.supervisor.observe import DaemonMetrics, serve_http
 from isobox.supervisor.pool import Pool
 from isobox.supervisor.remote_api import RemoteAPI
@@ -249,74 +248,10 @@ class Dispatcher:
                 return
 
 
-class _Client:
-    """One connection: its writer, its requests in flight and its pending host calls."""
-
-    ids = itertools.count(1)
-
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.id = next(self.ids)
-        self.writer = writer
-        self.tasks: dict[int, asyncio.Task[None]] = {}
-        self.calls: dict[int, asyncio.Future[str]] = {}
-        self.cids = itertools.count(1)
-        self.closed = False
-        self.decoded: deque[Frame] = deque()  # frames read but not handled yet
-        self.scope = ""  # from HELLO: the namespace of this client's sessions
-        self.credits: dict[int, Credit] = {}  # streams in flight: what the client may take
-
-    def credit_for(self, rid: int, window: int) -> Credit:
-        credit = self.credits[rid] = Credit(window)
-        return credit
-
-    async def host_call(self, rid: int, name: str, args: str) -> str:
-        """Call host function ``name`` in this client; its raw reply."""
-        cid = next(self.cids)
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self.calls[cid] = future
-        try:
-            self.send(MsgType.CALL, rid, {"cid": cid, "name": name, "args": args})
-            return await future
-        finally:
-            self.calls.pop(cid, None)
-
-    def send(self, msg: MsgType, rid: int, body: dict[str, Any]) -> None:
-        if self.closed:
-            return
-        try:
-            self.writer.write(encode_frame(msg, rid, body))
-        except ProtocolError as exc:  # too large for a frame: the request fails instead
-            failure = {"type": "SerializationError",
-                       "message": f"the reply does not fit a frame: {exc}"}
-            self.writer.write(encode_frame(MsgType.ERROR, rid, {"error": failure}))
-
-
-class Credit:
-    """How many stream values a client has room for (it grants more with CREDIT frames)."""
-
-    def __init__(self, window: int) -> None:
-        self.left = window
-        self._room = asyncio.Event()
-        self._room.set()
-
-    async def wait(self) -> None:
-        await self._room.wait()
-
-    def spend(self, n: int) -> None:
-        self.left -= n
-        if self.left <= 0:
-            self._room.clear()
-
-    def grant(self, n: int) -> None:
-        self.left += n
-        if self.left > 0:
-            self._room.set()
-
-
 class _RemoteHost:
     """Host functions of a remote run: each call goes back to the client that sent the run."""
 
-    def __init__(self, client: _Client, rid: int) -> None:
+    def __init__(self, client: Client, rid: int) -> None:
         self.client = client
         self.rid = rid
 
@@ -352,7 +287,7 @@ class Daemon:
         self.queue: FairQueue[asyncio.Future[None]] = FairQueue(config.max_queue,
                                                                 config.max_client_queue)
         self.dispatch = Dispatcher(config.workers, self.queue)
-        self.clients: set[_Client] = set()
+        self.clients: set[Client] = set()
         self.started = time.time()
         self.runs = 0
         self._stopping: asyncio.Event | None = None
@@ -528,7 +463,7 @@ class Daemon:
     # -- one client ------------------------------------------------------------------------
     async def _connection(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
-        client = _Client(writer)
+        client = Client(writer)
         decoder = FrameDecoder(max_frame=_MAX_HELLO)  # nothing large before authentication
         peer = writer.get_extra_info("peername") or "unix"
         try:
@@ -571,7 +506,7 @@ class Daemon:
             log.info("client %d disconnected (%d requests cancelled)", client.id,
                      len(client.tasks))
 
-    async def _read_frame(self, client: _Client, reader: asyncio.StreamReader,
+    async def _read_frame(self, client: Client, reader: asyncio.StreamReader,
                           decoder: FrameDecoder, first: bool = False) -> Frame | None:
         """The next frame; None at EOF. Waiting is unbounded between frames (an idle client
         is fine), but a frame once begun (and HELLO) must be whole within the frame timeout:
@@ -603,7 +538,7 @@ class Daemon:
         return hmac.compare_digest(given.encode("utf-8", "surrogatepass"),
                                    expected.encode("utf-8", "surrogatepass"))
 
-    def _dispatch_frame(self, client: _Client, frame: Frame) -> None:
+    def _dispatch_frame(self, client: Client, frame: Frame) -> None:
         rid = frame.request_id
         if frame.type in (MsgType.RUN, MsgType.API):
             self._start(client, frame)
@@ -628,7 +563,7 @@ class Daemon:
         else:
             raise ProtocolError(f"unexpected {frame.type.name} frame from a client")
 
-    def _start(self, client: _Client, frame: Frame) -> None:
+    def _start(self, client: Client, frame: Frame) -> None:
         """Start a RUN or API request as a task of its own (unless a limit refuses it)."""
         rid = frame.request_id
         if rid in client.tasks:
@@ -647,7 +582,7 @@ class Daemon:
                if frame.type is MsgType.RUN else self._api(client, rid, frame.body))
         client.tasks[rid] = asyncio.get_running_loop().create_task(job)
 
-    async def _run(self, client: _Client, rid: int, body: Any, priority: Any) -> None:
+    async def _run(self, client: Client, rid: int, body: Any, priority: Any) -> None:
         started = time.monotonic()
         reply: dict[str, Any] | None = None
         error: BaseException | None = None
@@ -686,7 +621,7 @@ class Daemon:
             self.metrics.finished(outcome, time.monotonic() - started, kind)
 
 
-    async def _api(self, client: _Client, rid: int, body: dict[str, Any]) -> None:
+    async def _api(self, client: Client, rid: int, body: dict[str, Any]) -> None:
         """A stream or a session operation (see :mod:`.remote_api`); those that need a worker
         wait for it in the same fair queue as runs."""
         started = time.monotonic()

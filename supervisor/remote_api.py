@@ -31,12 +31,12 @@ from isobox.protocol import MsgType
 if TYPE_CHECKING:
     from isobox.api import AsyncIsoBox
     from isobox.sessions import AsyncSession
-    from isobox.supervisor.daemon import _Client
+    from isobox.supervisor.connection import Client
 
 __all__ = ["RemoteAPI"]
 
 # The client and request id of the request running in this task (host calls go back there).
-_LINK: contextvars.ContextVar[tuple[_Client, int] | None] = contextvars.ContextVar(
+_LINK: contextvars.ContextVar[tuple[Client, int] | None] = contextvars.ContextVar(
     "isobox_remote_link", default=None)
 _OPTIONS = frozenset({"sandbox_json", "timeout", "cpu_timeout", "memory_limit", "stack_limit",
                       "console", "max_timers", "max_host_calls", "functions", "require",
@@ -116,7 +116,7 @@ class RemoteAPI:
             raise SessionError("session id must be a non-empty str of at most 256 characters")
         return f"{scope}\x00{session_id}"
 
-    async def handle(self, client: _Client, rid: int, body: dict[str, Any]) -> Any:
+    async def handle(self, client: Client, rid: int, body: dict[str, Any]) -> Any:
         """Run one API request for ``client``; returns the RESULT's ``result``."""
         _LINK.set((client, rid))
         op = body.get("op")
@@ -131,7 +131,7 @@ class RemoteAPI:
         session = await self._session(key)
         return await self._session_op(client, rid, op[len("session."):], session, body)
 
-    async def _create(self, client: _Client, key: str, body: dict[str, Any]) -> Any:
+    async def _create(self, client: Client, key: str, body: dict[str, Any]) -> Any:
         prefix = client.scope + "\x00"
         owned = sum(1 for k in self.box._sessions if k.startswith(prefix))
         if owned >= self.max_client_sessions:
@@ -151,7 +151,7 @@ class RemoteAPI:
             raise SessionError(f"no open session {shown!r} (unknown, closed or expired)") \
                 from None
 
-    async def _session_op(self, client: _Client, rid: int, op: str, session: AsyncSession,
+    async def _session_op(self, client: Client, rid: int, op: str, session: AsyncSession,
                           body: dict[str, Any]) -> Any:
         options = decode_options(body.get("options", {}))
         options.update(self._output(client, rid))
@@ -183,12 +183,12 @@ class RemoteAPI:
         raise DaemonError(f"unknown session operation {op!r}")
 
     @staticmethod
-    def _output(client: _Client, rid: int) -> dict[str, Any]:
+    def _output(client: Client, rid: int) -> dict[str, Any]:
         def forward(kind: str, message: str) -> None:
             client.send(MsgType.OUTPUT, rid, {"console": [[kind, message]]})
         return {"on_output": forward}
 
-    async def _stream(self, client: _Client, rid: int, body: dict[str, Any],
+    async def _stream(self, client: Client, rid: int, body: dict[str, Any],
                       session: AsyncSession | None) -> None:
         """Pump a stream to the client within its credit; the box's own stream keeps the
         worker within the window, so memory stays bounded at both hops."""

@@ -183,13 +183,22 @@ def test_check_body_enforces_the_memory_ceiling() -> None:
         check_body(body(memory_limit=256 * 2**20 + 1), CONFIG)
 
 
-@pytest.mark.parametrize("key", ["session", "stream", "op", "restore_json", "restore_tagged",
+@pytest.mark.parametrize("key", ["session", "stream", "restore_json", "restore_tagged",
                                  "drop"])
 def test_check_body_refuses_session_and_stream_keys(key: str) -> None:
     """RUN bodies cannot reach into sessions or streams (a stream of its own, or another
     client's session)."""
     with pytest.raises(DaemonError, match=f"{key!r} is not available over a remote"):
         check_body(body(**{key: "x"}), CONFIG)
+
+
+@pytest.mark.parametrize("op", ["state", "stream", "drop", "run"])
+def test_check_body_allows_only_the_map_op(op: str) -> None:
+    """The one op a RUN body may name is a chunk of map items; the others (session state,
+    streams) go through API frames, where the daemon scopes them."""
+    with pytest.raises(DaemonError, match="bad run field 'op'"):
+        check_body(body(op=op), CONFIG)
+    assert check_body(body(op="map", map_items=[["{}", False]], cpu_watch=1.0), CONFIG)
 
 
 # -- outcome_of ------------------------------------------------------------------------------
