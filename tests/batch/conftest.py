@@ -25,3 +25,26 @@ def no_leftovers() -> Iterator[None]:
     process, orphans included) is still running 10 s after it."""
     with no_isobox_leftovers():
         yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _leave_no_children() -> Iterator[None]:
+    """After a module: reap the zombies of the subprocesses its tests killed, and stop the
+    multiprocessing resource tracker that Dask's spawned workers start. Both would otherwise
+    stay children of the test process and trip the tests (in other folders) that check the
+    caller's children are only the fork server."""
+    yield
+    import os
+    from multiprocessing import resource_tracker
+
+    import psutil
+
+    tracker = resource_tracker._resource_tracker
+    if tracker._pid is not None:
+        tracker._stop()
+    for child in psutil.Process().children():
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(child.pid, 0)
+        except (psutil.Error, ChildProcessError):
+            pass
