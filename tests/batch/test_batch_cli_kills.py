@@ -86,6 +86,7 @@ def resume_until_done(job: Path, src: Path, out: Path, *extra: str) -> None:
     raise AssertionError("--resume never finished with exit 0")
 
 
+@pytest.mark.timeout(180)  # real processes: slow on a loaded machine
 def test_sigkill_at_random_moments_then_resume(tmp_path: Path) -> None:
     """200,000 lines, 5 SIGKILLs at random moments, then --resume until exit 0: the output
     has every index exactly once with its value; the lines written before each kill are kept
@@ -110,6 +111,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path) -> None:
     assert len(prefixes[-1]) > 0, f"seed {seed}: no kill happened after any output"
 
 
+@pytest.mark.timeout(180)  # real processes: slow on a loaded machine
 def test_sigkill_then_resume_csv(tmp_path: Path) -> None:
     """The same with CSV: the header once, every row's index exactly once."""
     total = 40_000
@@ -135,6 +137,7 @@ def test_sigkill_then_resume_csv(tmp_path: Path) -> None:
     assert all(got[i][1:3] == ["true", f'"s{i}:{i + 1}"'] for i in range(total)), f"seed {seed}"
 
 
+@pytest.mark.timeout(180)  # real processes: slow on a loaded machine
 def test_sandbox_workers_killed_during_a_job(tmp_path: Path) -> None:
     """Sandbox workers (children of the CLI's fork server) SIGKILLed while a job runs: the
     crashed items run again, every index is written once, and only the malformed line fails

@@ -117,6 +117,7 @@ def test_bag_map_partitions_recipe(client: Client) -> None:
     assert isinstance(rebuilt, ScriptError) and rebuilt.name == "TypeError"
 
 
+@pytest.mark.timeout(180)  # real processes: slow on a loaded machine
 @pytest.mark.usefixtures("no_leftovers")
 def test_a_dask_worker_killed_during_run_batch() -> None:
     """A Dask worker process SIGKILLed while run_batch runs slow items: the scheduler runs its
@@ -148,10 +149,10 @@ def test_a_dask_worker_killed_during_run_batch() -> None:
             raise result["error"]
         items = result["items"]
         assert not alive(victim)
-        after = worker_pids(client)
+        # (No client.run here: right after a kill, a broadcast may still reach for the dead
+        # worker's address and fail, which says nothing about run_batch.)
     assert [item.index for item in items] == list(range(total))
     assert all(item.ok and item.value == 2 * item.index for item in items)
-    assert victim not in after.values()
 
 
 @pytest.mark.usefixtures("no_leftovers")

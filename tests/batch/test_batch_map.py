@@ -250,6 +250,7 @@ def test_options_are_checked_before_the_first_item(box: IsoBox) -> None:
 
 
 # -- lazy input ----------------------------------------------------------------------------
+@pytest.mark.timeout(180)  # real processes: slow on a loaded machine
 @pytest.mark.parametrize("ordered", [True, False])
 def test_inputs_are_read_lazily(box: IsoBox, ordered: bool) -> None:
     """A generator of 200,000 inputs is never more than window * chunk_size items ahead of
@@ -298,6 +299,7 @@ def test_leaving_early_stops_reading(box: IsoBox) -> None:
 
 
 # -- crashes and retries ---------------------------------------------------------------------
+@pytest.mark.timeout(180)  # real processes: slow on a loaded machine
 def test_killing_busy_workers_loses_nothing() -> None:
     """Workers SIGKILLed again and again during a map of 3,000 slow-ish items: every index
     comes back exactly once, ok, with its value (items of a crashed chunk run again)."""
