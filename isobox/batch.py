@@ -146,36 +146,63 @@ def _chunks(inputs: Iterable[Any], size: int) -> Iterator[tuple[int, list[Any]]]
         start += len(batch)
 
 
+class _Window:
+    """Which chunks are in flight and which finished chunks wait to be handed back (pure
+    bookkeeping shared by the sync and async maps): at most ``plan.window`` of both."""
+
+    def __init__(self, plan: MapPlan, inputs: Iterable[Any]) -> None:
+        self.plan = plan
+        self.chunks = _chunks(inputs, plan.chunk_size)
+        self.in_flight = 0
+        self.done: dict[int, list[BatchItem]] = {}
+        self.next_out = 0
+        self.submitted = 0
+        self.exhausted = False
+
+    def take(self) -> Iterator[tuple[int, tuple[int, list[Any]]]]:
+        """The chunks to start now, each with its number (inputs are read only here)."""
+        while not self.exhausted and self.in_flight + len(self.done) < self.plan.window:
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                self.exhausted = True
+                return
+            self.in_flight += 1
+            self.submitted += 1
+            yield self.submitted - 1, chunk
+
+    @property
+    def finished(self) -> bool:
+        return self.exhausted and not self.in_flight and not self.done
+
+    def landed(self, number: int, items: list[BatchItem]) -> None:
+        self.in_flight -= 1
+        self.done[number] = items
+
+    def ready(self) -> list[BatchItem]:
+        items, self.next_out = _ready(self.done, self.next_out, ordered=self.plan.ordered)
+        return items
+
+
 def map_sync(plan: MapPlan, inputs: Iterable[Any], execute: Execute, run_items: RunItems,
              threads: int) -> Iterator[BatchItem]:
     """The sync ``map``: chunks run on ``threads`` threads; results as they finish (in input
     order when ``plan.ordered``)."""
-    chunks = _chunks(inputs, plan.chunk_size)
+    window = _Window(plan, inputs)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads,
                                                  thread_name_prefix="isobox-map")
     pending: dict[concurrent.futures.Future[list[BatchItem]], int] = {}
-    done: dict[int, list[BatchItem]] = {}
-    next_out = 0
-    submitted = 0
-    exhausted = False
     try:
         while True:
-            while not exhausted and len(pending) + len(done) < plan.window:
-                chunk = next(chunks, None)
-                if chunk is None:
-                    exhausted = True
-                    break
-                pending[pool.submit(run_chunk, plan, execute, run_items, *chunk)] = submitted
-                submitted += 1
-            if not pending and not done:
+            for number, chunk in window.take():
+                pending[pool.submit(run_chunk, plan, execute, run_items, *chunk)] = number
+            if window.finished:
                 return
             if pending:
                 finished, _ = concurrent.futures.wait(
                     pending, return_when=concurrent.futures.FIRST_COMPLETED)
                 for future in finished:
-                    done[pending.pop(future)] = future.result()
-            ready, next_out = _ready(done, next_out, ordered=plan.ordered)
-            yield from ready
+                    window.landed(pending.pop(future), future.result())
+            yield from window.ready()
     finally:
         for future in pending:
             future.cancel()
@@ -219,30 +246,20 @@ async def arun_chunk(plan: MapPlan, execute: AExecute, run_items: ARunItems, sta
 async def map_async(plan: MapPlan, inputs: Iterable[Any], execute: AExecute,
                     run_items: ARunItems) -> AsyncIterator[BatchItem]:
     """The asyncio ``map``: chunks run as tasks; the same order and bounds as :func:`map_sync`."""
-    chunks = _chunks(inputs, plan.chunk_size)
+    window = _Window(plan, inputs)
     pending: dict[asyncio.Task[list[BatchItem]], int] = {}
-    done: dict[int, list[BatchItem]] = {}
-    next_out = 0
-    submitted = 0
-    exhausted = False
     try:
         while True:
-            while not exhausted and len(pending) + len(done) < plan.window:
-                chunk = next(chunks, None)
-                if chunk is None:
-                    exhausted = True
-                    break
-                pending[asyncio.ensure_future(arun_chunk(plan, execute, run_items, *chunk))] = \
-                    submitted
-                submitted += 1
-            if not pending and not done:
+            for number, chunk in window.take():
+                task = asyncio.ensure_future(arun_chunk(plan, execute, run_items, *chunk))
+                pending[task] = number
+            if window.finished:
                 return
             if pending:
                 finished, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in finished:
-                    done[pending.pop(task)] = task.result()
-            ready, next_out = _ready(done, next_out, ordered=plan.ordered)
-            for item in ready:
+                    window.landed(pending.pop(task), task.result())
+            for item in window.ready():
                 yield item
     finally:
         for task in pending:
