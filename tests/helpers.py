@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import psutil
 
@@ -18,14 +19,14 @@ def alive(pid: int) -> bool:
         return False
 
 
-def wait_until(pred: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> bool:
-    """Poll ``pred`` until it is true or ``timeout`` seconds pass; returns its last value."""
+def wait_until(pred: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> bool:
+    """Poll ``pred`` until it is true or ``timeout`` seconds pass; returns whether it was."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if pred():
             return True
         time.sleep(interval)
-    return pred()
+    return bool(pred())
 
 
 def serving_pids(box: IsoBox) -> set[int]:

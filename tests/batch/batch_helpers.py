@@ -12,12 +12,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
+from helpers import alive, wait_until  # noqa: F401 - used by the tests here
 
 BIN = Path(sys.executable).parent
 ISOBOX = str(BIN / "isobox")
@@ -26,24 +26,6 @@ PR_SET_CHILD_SUBREAPER = 36
 
 # Some CPU per item (about a millisecond in QuickJS): long enough to kill workers mid-run.
 SLOW = "let s = 0; for (let i = 0; i < 20000; i++) s += i % 7; input * 2 + (s - s)"
-
-
-def wait_until(pred: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> bool:
-    """Poll ``pred`` until it is truthy or ``timeout`` seconds pass; returns whether it was."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(interval)
-    return bool(pred())
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie runs nothing)."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def kill(pid: int) -> bool:

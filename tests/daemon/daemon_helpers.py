@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from helpers import wait_until
 
 from isobox import IsoBox
 from isobox.protocol import Frame, FrameDecoder, MsgType, encode_frame
@@ -32,16 +33,6 @@ ISOBOX_CLI = str(BIN / "isobox")
 READY = "isobox-supervisor listening on "
 PR_SET_CHILD_SUBREAPER = 36
 StartDaemon = Callable[..., "Daemon"]  # the start_daemon fixture
-
-
-def wait_until(pred: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> bool:
-    """Poll ``pred`` until it is truthy or ``timeout`` seconds pass; returns whether it was."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(interval)
-    return bool(pred())
 
 
 def free_port() -> int:
