@@ -61,9 +61,6 @@ def _strict_json(value: Any) -> str:
         return json.dumps(_finite(value), default=_json_default, allow_nan=False)
 
 
-def _value_json(value: Any) -> str:
-    return _strict_json(value)
-
 
 class _Failed:
     """An input record that could not be read: a failed item that never runs."""
@@ -121,7 +118,7 @@ class _Writer:
         if self.fmt == "csv":
             err_type, err_msg = error or ("", "")
             return self._csv_line([str(index), "true" if ok else "false",
-                                   _value_json(value) if ok else "", err_type,
+                                   _strict_json(value) if ok else "", err_type,
                                    " ".join(err_msg.split())])  # one line per record
         entry: dict[str, Any] = {"index": index, "ok": ok}
         if ok:
