@@ -73,6 +73,7 @@ class WorkerStats:
     runs: int
     started_at: float
     confinement: list[str] = field(default_factory=list)  # the layers applied (README)
+    prelude: str = ""  # "bytecode" or "source": how the trusted JS enters each context (README)
 
 
 @dataclass(frozen=True, slots=True)

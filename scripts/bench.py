@@ -27,6 +27,11 @@ limits, in this process):
       beside the same snippet in JavaScript.
 - Project: 20 modules required by an entrypoint through ``run_project``, against the same
       code bundled into one script with ``run``.
+- Prelude: a context with the trusted prelude read as bytecode (what workers do) against one
+      with it parsed from source (what they did before) and a bare context, interleaved in
+      this process; then two boxes, one started with ``ISOBOX_BYTECODE=0``: ``1+2`` back to
+      back, an object result and a thrown error (p50), and W1 runs/s from 4 threads, in
+      alternating rounds.
 - Remote: an ``isobox-supervisor`` daemon (2 workers, started in a private temp folder) and
       ``IsoBox(address="unix://...")`` clients: ``1+2`` p50/p99 over the Unix socket with a ~1 ms
       idle gap (against the W1 floor, interleaved); runs/s from 4 client processes, one box
@@ -93,7 +98,7 @@ import psutil
 
 from isobox import IsoBox, IsoBoxError
 from isobox import TimeoutError as BoxTimeoutError
-from isobox.workers import confine
+from isobox.workers import confine, engine
 
 MIB = 2**20
 TIMEOUT = 5.0
@@ -488,6 +493,75 @@ def bench_idle_memory(box: IsoBox) -> dict[str, Any]:
                 uss.append(worker.uss / MIB)
                 rss.append(worker.rss / MIB)
     return {"uss_mib": summary(uss), "rss_mib": summary(rss)}
+
+
+def source_context() -> Any:
+    """A context with the prelude parsed from source, as every context had before bytecode."""
+    ctx = _quickjs.Context()
+    fn = ctx.eval(engine._PRELUDE)
+    for name in ("hot", "cold", "loop"):
+        fn(name, engine._SOURCES[name])
+    return fn
+
+
+def source_box() -> IsoBox:
+    """A box whose fork server (so its workers) parses the prelude from source."""
+    previous = os.environ.get("ISOBOX_BYTECODE")
+    os.environ["ISOBOX_BYTECODE"] = "0"  # read by the fork server make_box starts
+    try:
+        return make_box()
+    finally:
+        if previous is None:
+            os.environ.pop("ISOBOX_BYTECODE", None)
+        else:
+            os.environ["ISOBOX_BYTECODE"] = previous
+
+
+def bench_prelude(plan: Plan) -> dict[str, Any]:
+    """The trusted JS as bytecode against source: per context in-process (interleaved with a
+    bare context, the floor's), then W1 and object/error runs on two boxes, one started with
+    ``ISOBOX_BYTECODE=0`` (its fork server parses source), in interleaved rounds."""
+    probes = {"bare": _quickjs.Context, "source": source_context, "bytecode": engine.JsContext}
+    per: dict[str, list[float]] = {k: [] for k in probes}
+    for _ in range(plan.w1_rounds):
+        for key, make in probes.items():
+            per[key] += series(Probe(make, UNCHECKED, key), plan.w1_block)
+    out: dict[str, Any] = {f"context_{k}": summary(v) for k, v in per.items()}
+    out["bytecode_in_use"] = engine.prelude_mode() == "bytecode"
+    boxes = {"source": source_box(), "bytecode": make_box()}
+    codes = {"b2b": (ONE_PLUS_TWO, 3), "object": ("({a: [1, 2, 3], b: 'x'})", UNCHECKED),
+             "error": ("throw new TypeError('bad')", UNCHECKED)}
+    try:
+        modes = {k: {w.prelude for w in b.pool_stats().workers} for k, b in boxes.items()}
+        if modes != {"source": {"source"}, "bytecode": {engine.prelude_mode()}}:
+            raise RuntimeError(f"the boxes load the prelude as {modes}")
+        times: dict[str, list[float]] = {f"{m}_{c}": [] for m in boxes for c in codes}
+        rates: dict[str, list[float]] = {m: [] for m in boxes}
+
+        def attempt(box: IsoBox, code: str) -> object:
+            try:
+                return box.run(code)
+            except IsoBoxError as exc:
+                return type(exc).__name__
+
+        for _ in range(plan.w1_rounds):
+            for mode, box in boxes.items():
+                for name, (code, expected) in codes.items():
+                    probe = Probe(functools.partial(attempt, box, code), expected, name)
+                    series(probe, plan.w1_warmup // 4)
+                    times[f"{mode}_{name}"] += series(probe, plan.w1_block // 2)
+        for _ in range(plan.tput_reps):
+            for mode, box in boxes.items():
+                wait_idle(box, WORKERS)
+                rate, _errors = throughput(functools.partial(box.run, ONE_PLUS_TWO), THREADS,
+                                           plan.tput_seconds)
+                rates[mode].append(rate)
+        out.update({k: summary(v) for k, v in times.items()})
+        out.update({f"{m}_rate": summary(v) for m, v in rates.items()})
+    finally:
+        for box in boxes.values():
+            box.shutdown()
+    return out
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -1248,16 +1322,18 @@ def build_rows(res: dict[str, Any], plan: Plan) -> list[tuple[str, str, str, str
         r = ratio(box, floor)
         rows.append((label, ms(box), ms(floor), f"{r:.2f}x" if r is not None else "-"))
 
+    def rate(label: str, box: float | None, floor: float | None) -> None:
+        r = ratio(box, floor)
+        rows.append((label, f"{box:,.0f}" if box is not None else "-",
+                     f"{floor:,.0f}" if floor is not None else "-",
+                     f"{r:.2f}x" if r is not None else "-"))
+
     for q in ("p50", "p99"):
         timing(f"W1 1+2 {q}, ~1 ms idle gap", fig(lat, "isobox_gap", q), fig(lat, "floor", q))
     for q in ("p50", "p99"):
         timing(f"W1 1+2 {q}, back to back", fig(lat, "isobox_b2b", q), fig(lat, "floor", q))
-    box_rate, floor_rate = fig(tput, "isobox", "p50"), fig(tput, "floor", "p50")
-    r = ratio(box_rate, floor_rate)
-    rows.append((f"W1 runs/s, {THREADS} threads (median)",
-                 f"{box_rate:,.0f}" if box_rate is not None else "-",
-                 f"{floor_rate:,.0f}" if floor_rate is not None else "-",
-                 f"{r:.2f}x" if r is not None else "-"))
+    rate(f"W1 runs/s, {THREADS} threads (median)", fig(tput, "isobox", "p50"),
+         fig(tput, "floor", "p50"))
     timing("W2 fib(25) median", fig(w2, "isobox", "p50"), fig(w2, "floor", "p50"))
     timing("W3 100k ints map median", fig(w3, "isobox", "p50"), fig(w3, "floor", "p50"))
     timing("W4 time to error (100 ms limit) median", fig(w4, "to_error", "p50"), None)
@@ -1266,13 +1342,20 @@ def build_rows(res: dict[str, Any], plan: Plan) -> list[tuple[str, str, str, str
     timing("Respawn: kill -> 2 idle + run ok, median", fig(resp, "to_run", "p50"), None)
     timing("Confinement per worker start, median", fig(res.get("confinement"), "confine", "p50"),
            None)
+    pre = res.get("prelude")
+    timing("Context + prelude p50, bytecode (vs source)", fig(pre, "context_bytecode", "p50"),
+           fig(pre, "context_source", "p50"))
+    timing("Context + prelude p50, bytecode (vs bare)", fig(pre, "context_bytecode", "p50"),
+           fig(pre, "context_bare", "p50"))
+    for key, label in (("b2b", "1+2 back to back"), ("object", "object result"),
+                       ("error", "thrown error")):
+        timing(f"{label} p50, bytecode box (vs source box)", fig(pre, f"bytecode_{key}", "p50"),
+               fig(pre, f"source_{key}", "p50"))
+    rate(f"W1 runs/s, {THREADS} threads, bytecode box (vs source box)",
+         fig(pre, "bytecode_rate", "p50"), fig(pre, "source_rate", "p50"))
     stream = res.get("stream")
-    box_rate, floor_rate = fig(stream, "isobox", "p50"), fig(stream, "floor", "p50")
-    r = ratio(box_rate, floor_rate)
-    rows.append(("Stream values/s (median)",
-                 f"{box_rate:,.0f}" if box_rate is not None else "-",
-                 f"{floor_rate:,.0f}" if floor_rate is not None else "-",
-                 f"{r:.2f}x" if r is not None else "-"))
+    rate("Stream values/s (median)", fig(stream, "isobox", "p50"),
+         fig(stream, "floor", "p50"))
     sess, rec = res.get("session"), res.get("session_recovery")
     timing("Session 1+2 p50 (floor column: plain run)", fig(sess, "session", "p50"),
            fig(sess, "plain", "p50"))
@@ -1291,12 +1374,9 @@ def build_rows(res: dict[str, Any], plan: Plan) -> list[tuple[str, str, str, str
     rem = res.get("remote")
     for q in ("p50", "p99"):
         timing(f"Remote 1+2 {q}, ~1 ms idle gap", fig(rem, "remote_gap", q), fig(rem, "floor", q))
-    box_rate, floor_rate = fig(rem, "throughput", "p50"), fig(tput, "floor", "p50")
-    r = ratio(box_rate, floor_rate)
-    rows.append((f"Remote runs/s, {CLIENTS} client processes (floor: W1's)",
-                 f"{box_rate:,.0f}" if box_rate is not None else "-",
-                 f"{floor_rate:,.0f}" if floor_rate is not None else "-",
-                 f"{r:.2f}x" if r is not None else "-"))
+    rate(f"Remote runs/s, {CLIENTS} client processes (floor: W1's)",
+         fig(rem, "throughput", "p50"),
+         fig(tput, "floor", "p50"))
     for key, label in (("rss_start_mib", "Daemon RSS right after start"),
                        ("rss_before_mib", "Daemon RSS before the growth runs"),
                        ("rss_after_mib", f"Daemon RSS after {plan.remote_runs:,} runs")):
@@ -1615,6 +1695,7 @@ def run_all(plan: Plan) -> dict[str, Any]:
     guarded(res, "respawn", lambda: bench_respawn(plan, seen))
     guarded(res, "typescript", lambda: bench_typescript(plan))
     guarded(res, "confinement", lambda: bench_confinement(plan))
+    guarded(res, "prelude", lambda: bench_prelude(plan))
     guarded(res, "remote", lambda: bench_remote(plan, seen))
     guarded(res, "batch", lambda: bench_batch(plan, seen))
     res["leftover_pids"] = leftovers(seen)

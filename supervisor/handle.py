@@ -53,6 +53,7 @@ class WorkerHandle:
         self.sessions: set[str] = set()  # sessions whose live context this worker holds
         self.drops: deque[str] = deque()  # sessions to free with the next request
         self.confinement: list[str] = []  # the confinement layers the worker applied
+        self.prelude = ""  # how the worker loads the trusted JS: "bytecode" or "source"
         self.health: WorkerHealth | None = None  # heartbeats and RSS trend (set by the pool)
         self.retire_after = ""  # why to recycle it once its current run ends ("" = healthy)
         # The worker's CPU seconds when it last replied (None: unknown, as after a stream):

@@ -766,6 +766,7 @@ class Pool:
                           handle.pid, refused)
                 raise IsoBoxError("worker refused to start unconfined")
             handle.cpu_mark = _cpu_figure(frame.body.get("cpu"))
+            handle.prelude = str(frame.body.get("prelude", ""))[:16]
             report = frame.body.get("confinement")
             if isinstance(report, dict):
                 handle.confinement = [str(x) for x in report.get("applied", [])]
@@ -828,7 +829,7 @@ class Pool:
             rows.append({"pid": h.pid, "state": h.state, "runs": h.runs, "started_at": h.started_at,
                          "rss": sample.rss if sample else 0, "uss": sample.uss if sample else 0,
                          "cpu_percent": sample.cpu_percent if sample else 0.0,
-                         "confinement": list(h.confinement)})
+                         "confinement": list(h.confinement), "prelude": h.prelude})
         return rows, queued
 
 

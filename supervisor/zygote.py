@@ -80,7 +80,7 @@ class ZygoteClient:
         # The fork server (and so every worker's initial environment block, which stays
         # readable in /proc/PID/environ even after os.environ.clear()) gets no environment
         # beyond what Python needs to find isobox.
-        env = {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}
+        env = {k: os.environ[k] for k in ("PYTHONPATH", "ISOBOX_BYTECODE") if k in os.environ}
         self._proc = subprocess.Popen(
             cmd, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, start_new_session=True, env=env,

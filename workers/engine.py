@@ -25,9 +25,11 @@ from typing import Any
 
 import _quickjs
 
+from isobox.workers.bytecode import LOADER
+
 log = logging.getLogger("isobox")
 
-__all__ = ["Engine", "EngineIO", "RunOutcome", "RunSpec", "Stream"]
+__all__ = ["Engine", "EngineIO", "RunOutcome", "RunSpec", "Stream", "prelude_mode"]
 
 _PRELUDE = resources.files(__package__).joinpath("prelude.js").read_text(encoding="utf-8")
 # Library sources are handed over as plain strings (ASCII, so the binding copies them intact).
@@ -36,8 +38,34 @@ _COLD = resources.files(__package__).joinpath("cold.js").read_text(encoding="utf
 _LOOP = resources.files(__package__).joinpath("loop.js").read_text(encoding="utf-8")
 _MODS = resources.files(__package__).joinpath("modules.js").read_text(encoding="utf-8")
 _MEMFS = resources.files(__package__).joinpath("memfs.js").read_text(encoding="utf-8")
-if not all(src.isascii() for src in (_PRELUDE, _HOT, _COLD, _LOOP, _MODS, _MEMFS)):
+_SOURCES = {"prelude": _PRELUDE, "hot": _HOT, "cold": _COLD, "loop": _LOOP, "mods": _MODS,
+            "memfs": _MEMFS}
+if not all(src.isascii() for src in _SOURCES.values()):
     raise RuntimeError("the JS prelude and libraries must be ASCII")
+
+
+def _compile_all() -> dict[str, bytes]:
+    """The trusted sources as bytecode, compiled once per process (the fork server's copy is
+    shared by every worker); empty when bytecode is unavailable (then source is parsed)."""
+    if LOADER is None:
+        return {}
+    try:
+        return {name: LOADER.compile(src) for name, src in _SOURCES.items()}
+    except RuntimeError as exc:
+        log.warning("isobox: trusted JS is parsed in every context: %s", exc)
+        return {}
+
+
+_BYTECODE = _compile_all()
+
+
+def prelude_mode() -> str:
+    """How the trusted JS enters each context here: ``"bytecode"`` or ``"source"``."""
+    return "bytecode" if _BYTECODE else "source"
+
+_LIBS = (("h", "hot"), ("c", "cold"), ("l", "loop"))  # what the prelude's `libs` op reports
+_SESSION_LIBS = frozenset(("hot", "cold", "loop"))  # a session uses them all, sooner or later
+_HAND_OVER = frozenset(("mods", "memfs"))  # prelude ops that only take a library
 _MIN_CALL_BUDGET = 0.001
 _MAX_JOBS = 10_000_000  # a backstop: the CPU budget ends job floods long before this
 _CONSOLE_EVERY = 0.01  # seconds between console flushes while the promise queue drains
@@ -186,18 +214,45 @@ _FAIL_PREFIX = 'E2:[]{"name":"IsoBoxInternal"'
 class JsContext:
     """One QuickJS context with the trusted prelude: a fresh run's, or a session's."""
 
-    __slots__ = ("ctx", "fn", "host_bound", "memfs", "mods", "session")
+    __slots__ = ("ctx", "fn", "host_bound", "memfs", "mods", "pristine", "session")
 
-    def __init__(self) -> None:
+    def __init__(self, preload: frozenset[str] = frozenset()) -> None:
+        """A context with the prelude, and the libraries in ``preload`` read in as bytecode
+        (the others are parsed from source when a run first needs them)."""
         self.ctx = _quickjs.Context()
-        self.fn = self.ctx.eval(_PRELUDE)
-        self.fn("hot", _HOT)
-        self.fn("cold", _COLD)
-        self.fn("loop", _LOOP)
+        self.pristine = True  # no user code has run here yet: bytecode may still be read in
+        fn = self._read("prelude")
+        self.fn = fn if fn is not None else self.ctx.eval(_PRELUDE)
+        for _flag, name in _LIBS:
+            self.fn(name, self.library(name) if name in preload else _SOURCES[name])
         self.host_bound = False
         self.mods = False  # modules.js handed over (only contexts that need it pay for it)
         self.memfs = False  # memfs.js handed over
         self.session = False
+
+    def _read(self, name: str) -> _quickjs.Object | None:
+        code = _BYTECODE.get(name)
+        if code is None or LOADER is None or not self.pristine:
+            return None
+        return LOADER.load(self.ctx, code)
+
+    def library(self, name: str) -> str | _quickjs.Object:
+        """What the prelude gets for library ``name``: its factory read from bytecode while
+        the context is pristine (JS_ReadObject trusts its input, and only trusted code may have
+        run), else its source, which the prelude parses when a run first needs it."""
+        return self._read(name) or _SOURCES[name]
+
+    def libraries_used(self) -> frozenset[str]:
+        """The libraries a run in this context loaded (the next fresh context gets them read
+        in beforehand); empty if the context no longer answers."""
+        try:
+            self.ctx.set_time_limit(0.01)
+            found = self.fn("libs", "")
+        except Exception:
+            return frozenset()
+        if not isinstance(found, str):
+            return frozenset()
+        return frozenset(name for flag, name in _LIBS if flag in found)
 
 
 class _Drive:
@@ -214,13 +269,15 @@ class _Drive:
         self.next_flush = 0.0
         self.reused = False  # a later item of a map chunk, in a context earlier items used
 
-    def call(self, op: str, arg: str = "", *, user: bool = False) -> str:
+    def call(self, op: str, arg: str | _quickjs.Object = "", *, user: bool = False) -> str:
         """One call into the prelude under the remaining budget (no limit when ``user`` code
         may call a sync host function)."""
         left = self.budget.remaining()
         if left <= 0:
             raise _CpuExhausted
         ctx = self.jc.ctx
+        if op not in _HAND_OVER:
+            self.jc.pristine = False  # what follows may run user code or read user data
         ctx.set_time_limit(-1 if user and self.unlimited else max(left, _MIN_CALL_BUDGET))
         result = self.jc.fn(op, arg)
         if not isinstance(result, str):
@@ -325,10 +382,10 @@ class _Drive:
         """Set the globals up and evaluate the code (one crossing)."""
         if (self.spec.entry is not None or self.spec.require is not None or self.spec.files
                 or self.spec.filesystem is not None) and not self.jc.mods:
-            self.call("mods", _MODS)
+            self.call("mods", self.jc.library("mods"))
             self.jc.mods = True
         if self.spec.filesystem is not None and not self.jc.memfs:
-            self.call("memfs", _MEMFS)
+            self.call("memfs", self.jc.library("memfs"))
             self.jc.memfs = True
         if self.unlimited and not self.jc.host_bound:
             self.jc.ctx.add_callable("__isoboxHost", self.engine.host_trampoline)
@@ -364,16 +421,20 @@ class Engine:
         self._sessions: dict[str, JsContext] = {}
         self._io: EngineIO = EngineIO()
         self._modules_wanted = False  # the last fresh-context run used the module system
+        self._libraries_wanted: frozenset[str] = frozenset()  # and these libraries
 
     def prepare(self) -> None:
         """Free the last run's context and build the next one, while nobody waits for either.
-        If the last run used the module system, the next context gets it loaded too: projects
-        tend to come in series, and loading it (about 1 ms) is then off the request path."""
-        self._spent = None
+        The libraries the last run loaded (and the module system, if it used it) are read into
+        the next context beforehand: runs tend to come in series of one kind, and loading them
+        is then off the request path."""
+        spent, self._spent = self._spent, None
+        if spent is not None:
+            self._libraries_wanted = spent.libraries_used()
         if self._ready is None:
-            jc = JsContext()
+            jc = JsContext(self._libraries_wanted)
             if self._modules_wanted:
-                jc.fn("mods", _MODS)
+                jc.fn("mods", jc.library("mods"))
                 jc.mods = True
             self._ready = jc
 
@@ -399,7 +460,7 @@ class Engine:
         if found is None:
             if len(self._sessions) >= MAX_SESSIONS:
                 raise _TooManySessions
-            jc = JsContext()
+            jc = JsContext(_SESSION_LIBS)
             jc.session = True
             jc.fn(".base", "")
             self._sessions[spec.session] = jc

@@ -7,7 +7,7 @@
   const { JS, ap, dp, G } = S;
   const isArr = Array.isArray, proto = Object.getPrototypeOf, OP = Object.prototype;
   const hasOwn = Object.hasOwn, keys = Object.keys, D = Date, getTime = D.prototype.getTime;
-  const C = () => S.cold || (S.cold = S.ev(S.coldSrc)(S, H));
+  const C = () => S.cold || (S.cold = S.lib(S.coldSrc)(S, H));
   class Tag { #b; constructor(t, v) { this.$isobox = t; this.v = v; } static is(o) { return #b in o; } }
   // Date.prototype.toJSON runs before a replacer sees the value: the one place to tell a Date
   // from a string. Installed for the encoding only; a script that froze it gets ISO strings.

@@ -16,7 +16,7 @@
   const now = perf ? () => ap(perf, performance, []) : Date.now;
   const ASYNC_IT = Symbol.asyncIterator, IT = Symbol.iterator;
   const hot = H();
-  const C = () => S.cold || (S.cold = S.ev(S.coldSrc)(S, H));
+  const C = () => S.cold || (S.cold = S.lib(S.coldSrc)(S, H));
   const BATCH_MS = 1, BATCH_BYTES = 1 << 20;
   const fail = (e) => { if (S.unc === null) S.unc = { e }; };
 

@@ -1,8 +1,11 @@
 // IsoBox trusted prelude, evaluated in every fresh context before any untrusted byte.
-// QuickJS parses it in every context (about 5 us per function plus ~100 us per KB), so it holds
-// only what must exist before user code runs (console, entry) and the finish of primitive
-// results, in as few functions as possible. hot.js (globals, object results) and cold.js
-// (errors, special values, top-level await, validation) are parsed only by runs that need them.
+// The engine compiles it once per process and reads its bytecode into each context
+// (workers/bytecode.py); without bytecode QuickJS parses it in every context (about 5 us per
+// function plus ~100 us per KB), so it holds only what must exist before user code runs
+// (console, entry) and the finish of primitive results. hot.js (globals, object results),
+// cold.js (errors, special values, top-level await, validation) and loop.js (timers, host
+// calls, streams, sessions) arrive as factories read from bytecode when the last run used them,
+// else as source parsed by the first run that needs them.
 // It evaluates to one dispatcher the engine keeps; nothing of it is reachable from globalThis.
 (function () {
   'use strict';
@@ -12,11 +15,13 @@
   const S = { st: null, unc: null, it: null, nx: null, mode: 'redirect', con: [], n: 0, over: false,
     lim: null, hotSrc: '', coldSrc: '', loopSrc: '', modSrc: '', fsSrc: '', hot: null, cold: null, loop: null, mods: null, memfs: null, fsModule: null,
     violations: [], G, ev, JS, JP, ap, P, dp, gp, slice };
-  const H = () => S.hot || (S.hot = ev(S.hotSrc)(S));
-  const L = () => S.loop || (S.loop = ev(S.loopSrc)(S, H));
-  const MOD = () => S.mods || (S.mods = ev(S.modSrc)(S, H));
-  const FS = () => S.memfs || (S.memfs = ev(S.fsSrc)(S));
-  S.H = H; S.L = L; S.MOD = MOD; S.FS = FS;
+  // A library arrives as its factory (read from bytecode by the engine) or as its source.
+  const lib = (x) => typeof x === 'string' ? ev(x) : x;
+  const H = () => S.hot || (S.hot = lib(S.hotSrc)(S));
+  const L = () => S.loop || (S.loop = lib(S.loopSrc)(S, H));
+  const MOD = () => S.mods || (S.mods = lib(S.modSrc)(S, H));
+  const FS = () => S.memfs || (S.memfs = lib(S.fsSrc)(S));
+  S.H = H; S.L = L; S.MOD = MOD; S.FS = FS; S.lib = lib;
   // Violations are serialised when they happen (hot.js), from primitives, and stored with
   // defineProperty: no setter, toJSON or iterator the script planted can hide one.
   S.keys = Object.keys;
@@ -167,6 +172,7 @@
       case 'loop': S.loopSrc = a; return 'ok';
       case 'mods': S.modSrc = a; if (a !== '' && S.st === null) MOD(); return 'ok';
       case 'memfs': S.fsSrc = a; return 'ok';
+      case 'libs': return (S.hot === null ? '' : 'h') + (S.cold === null ? '' : 'c') + (S.loop === null ? '' : 'l');
       default: return ap(slice, op[0] === '.' ? L().op(op, a) : H().op(op, a), [0]);
     }
   }

@@ -25,7 +25,7 @@ from typing import Any
 
 from isobox.protocol import Frame, FrameDecoder, MsgType, ProtocolError, encode_frame
 from isobox.workers.confine import ConfinementRefused, confine
-from isobox.workers.engine import Engine, EngineIO, RunOutcome, RunSpec
+from isobox.workers.engine import Engine, EngineIO, RunOutcome, RunSpec, prelude_mode
 
 __all__ = ["serve"]
 
@@ -221,7 +221,8 @@ def serve(sock: socket.socket, engine: Engine, confinement: dict[str, Any] | Non
     """Answer frames until EOF or SHUTDOWN; returns the process exit code."""
     chan = Channel(sock)
     sock.sendall(encode_frame(MsgType.READY, 0, {"pid": os.getpid(), "cpu": time.process_time(),
-                                                 "confinement": confinement or {}}))
+                                                 "confinement": confinement or {},
+                                                 "prelude": prelude_mode()}))
     try:
         while True:
             frame = chan.control.popleft() if chan.control else chan.next_frame(None)
