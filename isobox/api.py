@@ -63,7 +63,7 @@ from isobox.projects import (
     normalize_files,
     virtual_path,
 )
-from isobox.remote import RemoteClient, parse_address
+from isobox.remote import Cancellable, RemoteClient, parse_address
 from isobox.remote_session import (
     WIRE,
     AsyncRemoteSession,
@@ -691,7 +691,7 @@ class _BoxCore:
 
     def _remote_send(self, request: RunRequest, host: HostFunctions,
                      session: SessionState | None, *, sink: Any, started: float,
-                     streamed: list[tuple[str, str]], ticket: list[int] | None = None
+                     streamed: list[tuple[str, str]]
                      ) -> tuple[dict[str, Any], int | None, float, list[tuple[str, str]]]:
         """One run through the daemon (remote mode): the same reply a local worker gives."""
         if self._remote is None or session is not None:
@@ -700,8 +700,7 @@ class _BoxCore:
         try:
             reply, pid = self._remote.run(request.body, timeout=timeout + _grace(timeout) + 5.0,
                                           on_output=sink, call=host.call if host else None,
-                                          priority=request.options.priority,
-                                          on_rid=ticket.append if ticket is not None else None)
+                                          priority=request.options.priority)
         except (TimeoutError, WorkerCrashedError) as exc:
             self._failed(exc, started, timeout)
             raise
@@ -1128,15 +1127,9 @@ class AsyncIsoBox(_BoxCore):
         sink = self._output_sink(request, streamed)
         generation = session.generation if session is not None else 0
         if self._remote is not None:
-            ticket: list[int] = []  # the request's id, to cancel it in the daemon
-            try:
-                return await asyncio.to_thread(self._remote_send, request, host, session,
-                                               sink=sink, started=started, streamed=streamed,
-                                               ticket=ticket)
-            except asyncio.CancelledError:
-                if ticket:
-                    self._remote.abandon(ticket[0])
-                raise
+            return await Cancellable(self._remote).call(
+                self._remote_send, request, host, session, sink=sink, started=started,
+                streamed=streamed)
         if self._pool is None:
             reply = await asyncio.to_thread(self._inprocess_reply, request, sink, host,
                                             session, op)
@@ -1170,7 +1163,8 @@ class AsyncIsoBox(_BoxCore):
         """Stream the values ``code`` yields (an async iterator); leaving the loop early,
         ``aclose()`` or cancelling the task stops the generator and frees the worker."""
         if self._remote is not None:
-            return athread_stream(remote_stream(self, code, options, window, idle_timeout))
+            return athread_stream(self._remote,
+                                  remote_stream(self, code, options, window, idle_timeout))
         return self._stream(code, options, window, idle_timeout, None)
 
     def _stream(self, code: str, options: dict[str, Any], window: int,
@@ -1318,14 +1312,15 @@ class AsyncIsoBox(_BoxCore):
                              **options: Any) -> AsyncSession:
         """A new session: one live context, kept between runs (see README: Sessions)."""
         if self._remote is not None:
-            inner = await asyncio.to_thread(RemoteSession.create, self, session_id, ttl, options)
+            inner = await Cancellable(self._remote).call(RemoteSession.create, self, session_id,
+                                                         ttl, options)
             return AsyncRemoteSession(self, inner)
         return AsyncSession(self, self._new_session(session_id, ttl, options))
 
     async def get_session(self, session_id: str) -> AsyncSession:
         """The open session ``session_id``; :class:`SessionError` if unknown or ended."""
         if self._remote is not None:
-            inner = await asyncio.to_thread(RemoteSession.open, self, session_id)
+            inner = await Cancellable(self._remote).call(RemoteSession.open, self, session_id)
             return AsyncRemoteSession(self, inner)
         return AsyncSession(self, self._lookup(session_id))
 

@@ -9,7 +9,10 @@ the thread that made the run. If the connection drops, every request in flight f
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
+import functools
 import itertools
 import queue
 import secrets
@@ -18,18 +21,67 @@ import threading
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from isobox import values
 from isobox.errors import DaemonError, TimeoutError, error_from_dict
 from isobox.protocol import Frame, FrameDecoder, MsgType, ProtocolError, encode_frame
 
-__all__ = ["RemoteClient", "parse_address"]
+__all__ = ["Cancellable", "RemoteClient", "parse_address"]
 
 OnOutput = Callable[[list[tuple[str, str]]], None]
 _GONE = object()  # put in every waiting queue when the connection drops
 _ABANDONED = object()  # put in a request's queue when its caller gave up
+_T = TypeVar("_T")
+# The ids of the requests a thread makes for an asyncio caller (see Cancellable).
+_TICKETS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "isobox_remote_tickets", default=None)
+_CANCEL_WAIT = 2.0  # how long a cancelled caller waits for its thread to give up
+
+
+def _issued(rid: int) -> None:
+    tickets = _TICKETS.get()
+    if tickets is not None:
+        tickets.append(rid)
+
+
+def _settled(rid: int) -> None:
+    tickets = _TICKETS.get()
+    if tickets is not None and rid in tickets:
+        tickets.remove(rid)
+
+
+class Cancellable:
+    """Blocking remote calls made on a thread for an asyncio caller, cancellable: if the task
+    awaiting one is cancelled, every daemon request the calls made is abandoned (CANCEL, so the
+    daemon stops its work, and the waiting thread returns at once), and the thread is given a
+    moment to finish before the cancellation goes on, so it never keeps a request running."""
+
+    def __init__(self, remote: RemoteClient) -> None:
+        self._remote = remote
+        self._tickets: list[int] = []
+        self._context = contextvars.copy_context()  # the calls run in it: they see the list
+        self._context.run(_TICKETS.set, self._tickets)
+
+    async def call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """``fn(*args, **kwargs)`` on a thread (one call at a time per instance)."""
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(None, functools.partial(self._context.run, fn, *args,
+                                                            **kwargs))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            self.abandon()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(work, _CANCEL_WAIT)
+            raise
+
+    def abandon(self) -> None:
+        """Give up every request the calls made (those already answered are not affected)."""
+        for rid in self._tickets:
+            self._remote.abandon(rid)
+        self._tickets.clear()
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,16 +227,13 @@ class RemoteClient:
     # -- requests --------------------------------------------------------------------------
     def request(self, msg: MsgType, body: dict[str, Any], *, timeout: float,
                 on_output: OnOutput | None = None,
-                call: Callable[[str, str], str] | None = None,
-                on_rid: Callable[[int], None] | None = None) -> dict[str, Any]:
+                call: Callable[[str, str], str] | None = None) -> dict[str, Any]:
         """Send one request and wait for its RESULT body (an ERROR raises its typed error).
-        ``timeout`` bounds the wait; the daemon's own watchdog answers well before it.
-        ``on_rid`` learns the request's id (to :meth:`abandon` it from another thread)."""
+        ``timeout`` bounds the wait; the daemon's own watchdog answers well before it."""
         rid = next(self._rids)
         waiter: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._waiting[rid] = waiter
-        if on_rid is not None:
-            on_rid(rid)
+        _issued(rid)
         try:
             self._send(msg, rid, body)
             deadline = time.monotonic() + timeout
@@ -195,12 +244,7 @@ class RemoteClient:
                     self._cancel(rid)
                     raise TimeoutError("the daemon did not answer in time", kind="wall",
                                        limit=timeout) from None
-                if item is _GONE:
-                    raise DaemonError(f"the connection to the daemon at {self.address} was "
-                                      "lost during the request; the daemon cancels its work")
-                if item is _ABANDONED:
-                    raise DaemonError("the request was cancelled")
-                frame: Frame = item
+                frame = self._frame(item, "request")
                 if frame.type is MsgType.RESULT:
                     return frame.body
                 if frame.type is MsgType.ERROR:
@@ -215,8 +259,19 @@ class RemoteClient:
                 self._cancel(rid)
             raise
         finally:
+            _settled(rid)
             self._waiting.pop(rid, None)
             self._owner.pop(rid, None)
+
+    def _frame(self, item: Any, what: str) -> Frame:
+        """What a request's queue held: a frame, or the end of the connection or the request."""
+        if item is _GONE:
+            raise DaemonError(f"the connection to the daemon at {self.address} was lost during "
+                              f"the {what}; the daemon cancels its work")
+        if item is _ABANDONED:
+            raise DaemonError(f"the {what} was cancelled")
+        frame: Frame = item
+        return frame
 
     def _answer(self, rid: int, frame: Frame, call: Callable[[str, str], str] | None) -> None:
         cid, name, args = frame.body.get("cid"), frame.body.get("name"), frame.body.get("args")
@@ -239,14 +294,14 @@ class RemoteClient:
             self._send(MsgType.CANCEL, rid, {})
 
     def run(self, body: dict[str, Any], *, timeout: float, on_output: OnOutput | None,
-            call: Callable[[str, str], str] | None, priority: int = 0,
-            on_rid: Callable[[int], None] | None = None) -> tuple[dict[str, Any], int | None]:
+            call: Callable[[str, str], str] | None, priority: int = 0
+            ) -> tuple[dict[str, Any], int | None]:
         """One run: the worker's RESULT body and the pid of the worker that ran it."""
         frame: dict[str, Any] = {"body": body}
         if priority:
             frame["priority"] = priority
         answer = self.request(MsgType.RUN, frame, timeout=timeout, on_output=on_output,
-                              call=call, on_rid=on_rid)
+                              call=call)
         reply = answer.get("reply")
         if not isinstance(reply, dict):
             raise DaemonError("the daemon sent a malformed result")
@@ -267,6 +322,7 @@ class RemoteClient:
         rid = next(self._rids)
         waiter: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._waiting[rid] = waiter
+        _issued(rid)
         finished = False
         try:
             self._send(MsgType.API, rid, {**body, "window": window})
@@ -277,10 +333,7 @@ class RemoteClient:
                 except queue.Empty:
                     raise TimeoutError("the daemon sent nothing for the stream in time",
                                        kind="wall", limit=timeout) from None
-                if item is _GONE:
-                    raise DaemonError(f"the connection to the daemon at {self.address} was "
-                                      "lost during the stream; the daemon cancels its work")
-                frame: Frame = item
+                frame = self._frame(item, "stream")
                 if frame.type is MsgType.ITEMS:
                     batch = values.decode(str(frame.body.get("items", "[]")))
                     for value in batch if isinstance(batch, list) else ():

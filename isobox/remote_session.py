@@ -8,13 +8,14 @@ fixed when it is created (with the box's own defaults under them), as in embedde
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import time
 from collections.abc import AsyncGenerator, Callable, Generator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from isobox import values
 from isobox.host import HostFunctions
+from isobox.remote import Cancellable, RemoteClient
 from isobox.results import ExecutionResult, SessionInfo
 from isobox.sessions import AsyncSession, Session, check_id
 
@@ -28,6 +29,7 @@ __all__ = ["AsyncRemoteSession", "RemoteSession", "remote_stream", "wire_options
 WIRE = frozenset({"sandbox", "timeout", "cpu_timeout", "memory_limit", "stack_limit", "console",
                   "max_timers", "max_host_calls", "functions", "require", "filesystem",
                   "filename", "language"})
+_T = TypeVar("_T")
 _SLACK = 5.0  # past the run's own timeout and grace: the daemon always answers before this
 
 
@@ -191,7 +193,8 @@ class RemoteSession(Session):
 
 
 class AsyncRemoteSession(AsyncSession):
-    """The asyncio twin of :class:`RemoteSession` (calls run on a thread)."""
+    """The asyncio twin of :class:`RemoteSession`: calls run on a thread, and cancelling the
+    awaiting task cancels the operation in the daemon."""
 
     def __init__(self, box: AsyncIsoBox, inner: RemoteSession) -> None:
         self._core = box  # no super().__init__: the inner session holds everything
@@ -202,43 +205,53 @@ class AsyncRemoteSession(AsyncSession):
         """The session's id."""
         return self._inner.id
 
+    async def _call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        remote = self._core._remote
+        if remote is None:
+            raise RuntimeError("not a remote box")
+        return await Cancellable(remote).call(fn, *args, **kwargs)
+
     async def run(self, code: str, **options: Any) -> Any:
         """Run ``code`` in the session's context; return its completion value."""
         return (await self.execute(code, **options)).value
 
     async def execute(self, code: str, **options: Any) -> ExecutionResult:
         """Run ``code`` in the session's context; return the full result."""
-        return await asyncio.to_thread(self._inner.execute, code, **options)
+        return await self._call(self._inner.execute, code, **options)
 
     async def run_project(self, files: Any, entrypoint: str, **options: Any) -> Any:
         """Run a project from ``entrypoint`` in the session's context."""
-        return await asyncio.to_thread(self._inner.run_project, files, entrypoint, **options)
+        return await self._call(self._inner.run_project, files, entrypoint, **options)
 
     def run_stream(self, code: str, *, window: int = 256, idle_timeout: float | None = None,
                    **options: Any) -> AsyncGenerator[Any, None]:
         """Stream the values ``code`` yields, in the session's context."""
-        return athread_stream(self._inner.run_stream(code, window=window,
-                                                     idle_timeout=idle_timeout, **options))
+        remote = self._core._remote
+        if remote is None:
+            raise RuntimeError("not a remote box")
+        return athread_stream(remote, self._inner.run_stream(code, window=window,
+                                                             idle_timeout=idle_timeout,
+                                                             **options))
 
     async def get_state(self) -> dict[str, Any]:
         """The session's JSON-able globals."""
-        return await asyncio.to_thread(self._inner.get_state)
+        return await self._call(self._inner.get_state)
 
     async def set_state(self, state: Mapping[str, Any]) -> None:
         """Set globals from ``state``."""
-        await asyncio.to_thread(self._inner.set_state, state)
+        await self._call(self._inner.set_state, state)
 
     async def reset(self) -> None:
         """Drop the context and its checkpoint."""
-        await asyncio.to_thread(self._inner.reset)
+        await self._call(self._inner.reset)
 
     async def info(self) -> SessionInfo:
         """Id, times, run count, TTL and the worker holding the context."""
-        return await asyncio.to_thread(self._inner.info)
+        return await self._call(self._inner.info)
 
     async def close(self) -> None:
         """Free the session."""
-        await asyncio.to_thread(self._inner.close)
+        await self._call(self._inner.close)
 
     async def __aenter__(self) -> AsyncRemoteSession:
         return self
@@ -250,13 +263,17 @@ class AsyncRemoteSession(AsyncSession):
 _END = object()
 
 
-async def athread_stream(gen: Generator[Any, None, None]) -> AsyncGenerator[Any, None]:
-    """A sync stream consumed from asyncio: each value is taken on a thread."""
+async def athread_stream(remote: RemoteClient, gen: Generator[Any, None, None]
+                         ) -> AsyncGenerator[Any, None]:
+    """A sync stream consumed from asyncio: each value is taken on a thread. Cancelling the
+    consuming task cancels the stream in the daemon (its worker is freed at once)."""
+    calls = Cancellable(remote)
     try:
         while True:
-            value = await asyncio.to_thread(next, gen, _END)
+            value = await calls.call(next, gen, _END)
             if value is _END:
                 return
             yield value
     finally:
-        await asyncio.to_thread(gen.close)
+        with contextlib.suppress(ValueError, RuntimeError):  # still running in a thread
+            await calls.call(gen.close)

@@ -131,6 +131,59 @@ def test_cancelling_an_async_remote_run_cancels_it_in_the_daemon(start_daemon: S
     assert asyncio.run(main()) == []
 
 
+def test_cancelling_an_async_remote_session_run_cancels_it_in_the_daemon(
+        start_daemon: StartDaemon) -> None:
+    """The same for a run in a remote session: the daemon stops it (its worker is freed long
+    before the run's 30 s), and the session is usable again (restored from its checkpoint)."""
+    daemon = start_daemon("--workers", "1")
+
+    async def main() -> tuple[list[int], Any]:
+        box = AsyncIsoBox(address=daemon.address)
+        try:
+            session = await box.create_session("cancelled")
+            await session.run("globalThis.kept = 41")
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(session.run("while (true) {}", timeout=30), 1.0)
+            await asyncio.to_thread(wait_until, lambda: not daemon.busy_workers(), 3.0)
+            busy = daemon.busy_workers()
+            return busy, await asyncio.wait_for(session.run("kept + 1"), 10)
+        finally:
+            await box.shutdown()
+
+    busy, value = asyncio.run(main())
+    assert busy == []
+    assert value == 42
+
+
+@pytest.mark.parametrize("in_session", [False, True], ids=["plain", "session"])
+def test_cancelling_an_async_remote_stream_cancels_it_in_the_daemon(
+        start_daemon: StartDaemon, in_session: bool) -> None:
+    """A task consuming a remote stream is cancelled while the stream computes its next value:
+    the daemon stops the stream and frees the worker, without waiting for the timeout. (A
+    stream's values travel in batches, so the spin comes before the first value.)"""
+    daemon = start_daemon("--workers", "1")
+
+    async def main() -> tuple[list[int], list[Any]]:
+        box = AsyncIsoBox(address=daemon.address, timeout=30)
+        try:
+            source: Any = box
+            if in_session:
+                source = await box.create_session("streaming")
+            stream = source.run_stream("while (true) {}")
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(stream.__anext__(), 1.0)
+            await asyncio.to_thread(wait_until, lambda: not daemon.busy_workers(), 3.0)
+            busy = daemon.busy_workers()
+            after = [v async for v in source.run_stream("yield 1; yield 2")]
+            return busy, after
+        finally:
+            await box.shutdown()
+
+    busy, after = asyncio.run(main())
+    assert busy == []
+    assert after == [1, 2]
+
+
 def test_killed_client_process_has_its_run_cancelled(start_daemon: StartDaemon) -> None:
     """SIGKILL of a client in the middle of `while(true){}` (timeout 60): the daemon sees the
     connection drop, kills the worker running it and starts another; a new run succeeds
