@@ -12,9 +12,11 @@ How items run (decided here, carried out by :func:`map_sync` and :func:`map_asyn
 - A chunk that fails as a whole (the watchdog's timeout, a request too large, a worker that
   died) is **split**: each of its items runs alone, so the failure lands on the item that
   caused it and the others succeed.
-- An item whose worker died is **retried** on a fresh worker up to ``retries`` times, then
-  recorded as failed with :class:`WorkerCrashedError`. Timeouts, memory bombs and throws are
-  not retried: they would fail again.
+- An item whose worker died is **retried** on a fresh worker up to ``retries`` times, after a
+  growing pause (50 ms, 100 ms, ...), then recorded as failed with :class:`WorkerCrashedError`.
+  Timeouts, memory bombs and throws are not retried: they would fail again. While the pool's
+  crash-loop breaker is open (it refuses runs without starting them), an item waits it out,
+  up to ``CRASH_LOOP_WAIT`` seconds, without spending its retries.
 - Inputs are read lazily, at most ``window`` chunks ahead of the oldest result not yet handed
   back (with ``ordered=True``) or not yet finished: memory stays bounded for an input of any
   length.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +45,8 @@ __all__ = ["BatchItem", "MapPlan", "map_async", "map_sync"]
 @dataclass(frozen=True, slots=True)
 class BatchItem:
     """One input's outcome: ``value`` when ``ok``, else ``error`` (the exception ``run``
-    would have raised for it). ``attempts`` counts runs, retries after a crash included."""
+    would have raised for it). ``attempts`` counts runs, retries after a crash included (0 if
+    the crash-loop breaker never let the item start)."""
 
     index: int
     ok: bool
@@ -87,19 +91,52 @@ Execute = Callable[[str, dict[str, Any]], Any]  # (code, sandbox) -> ExecutionRe
 RunItems = Callable[[list[Any]], list[tuple[bool, Any]]]
 
 
+# An open crash-loop breaker refuses runs without starting them: not the item's fault, so it
+# waits (growing pauses, at most this long in all) instead of spending its retries.
+CRASH_LOOP_WAIT = 30.0
+
+
+class _Attempts:
+    """The retry decision for one item run alone, shared by the sync and async maps."""
+
+    def __init__(self, retries: int) -> None:
+        self.retries = retries
+        self.runs = 0  # runs that started (what BatchItem.attempts reports)
+        self.refused = 0  # runs the crash-loop breaker refused
+        self.waited = 0.0
+
+    def pause_after(self, exc: WorkerCrashedError) -> float | None:
+        """Seconds to wait before the next run, or None to give up with ``exc``. A crash is
+        retried ``retries`` times, after 50 ms, 100 ms, ... (at most 2 s), so a crashing item
+        does not feed the crash-loop breaker in a tight loop."""
+        if exc.cause == "crash loop":
+            self.runs -= 1
+            self.refused += 1
+            pause = min(2.0, 0.1 * 2.0 ** (self.refused - 1))
+            if self.waited + pause > CRASH_LOOP_WAIT:
+                return None
+            self.waited += pause
+            return pause
+        if self.runs > self.retries:
+            return None
+        return min(2.0, 0.05 * 2.0 ** (self.runs - 1))
+
+
 def _run_alone(plan: MapPlan, execute: Execute, index: int, item: Any) -> BatchItem:
-    attempts = 0
+    tries = _Attempts(plan.retries)
     while True:
-        attempts += 1
+        tries.runs += 1
         try:
             value = execute(plan.code, plan.item_sandbox(item)).value
         except WorkerCrashedError as exc:
-            if attempts > plan.retries:
-                return BatchItem(index, False, error=exc, attempts=attempts)
+            pause = tries.pause_after(exc)
+            if pause is None:
+                return BatchItem(index, False, error=exc, attempts=tries.runs)
+            time.sleep(pause)
             continue
         except IsoBoxError as exc:
-            return BatchItem(index, False, error=exc, attempts=attempts)
-        return BatchItem(index, True, value, attempts=attempts)
+            return BatchItem(index, False, error=exc, attempts=tries.runs)
+        return BatchItem(index, True, value, attempts=tries.runs)
 
 
 def _outcomes(start: int, found: list[tuple[bool, Any]]) -> list[BatchItem]:
@@ -213,18 +250,20 @@ AExecute = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 
 async def _arun_alone(plan: MapPlan, execute: AExecute, index: int, item: Any) -> BatchItem:
-    attempts = 0
+    tries = _Attempts(plan.retries)
     while True:
-        attempts += 1
+        tries.runs += 1
         try:
             value = (await execute(plan.code, plan.item_sandbox(item))).value
         except WorkerCrashedError as exc:
-            if attempts > plan.retries:
-                return BatchItem(index, False, error=exc, attempts=attempts)
+            pause = tries.pause_after(exc)
+            if pause is None:
+                return BatchItem(index, False, error=exc, attempts=tries.runs)
+            await asyncio.sleep(pause)
             continue
         except IsoBoxError as exc:
-            return BatchItem(index, False, error=exc, attempts=attempts)
-        return BatchItem(index, True, value, attempts=attempts)
+            return BatchItem(index, False, error=exc, attempts=tries.runs)
+        return BatchItem(index, True, value, attempts=tries.runs)
 
 
 ARunItems = Callable[[list[Any]], Awaitable[list[tuple[bool, Any]]]]

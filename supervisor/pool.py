@@ -110,6 +110,12 @@ class _Waiter:
             self.future.set_result(None)
 
 
+def _crash_loop() -> WorkerCrashedError:
+    return WorkerCrashedError(
+        "workers keep crashing (crash-loop breaker open); not respawning for now",
+        cause="crash loop")
+
+
 class Pool:
     """Workers forked from one fork server, shared by every thread of the caller."""
 
@@ -229,10 +235,7 @@ class Pool:
                 waiting = len(self._waiters)
                 raise IsoBoxError(f"queue full: {waiting} runs already wait for a worker")
             if not self._handles and self._breaker.is_open(time.monotonic()):
-                raise WorkerCrashedError(
-                    "workers keep crashing (crash-loop breaker open); not respawning for now",
-                    cause="crash loop",
-                )
+                raise _crash_loop()
             waiter = _Waiter(loop, want)
             self._waiters.append(waiter)
         self._poke()
@@ -351,6 +354,13 @@ class Pool:
             if not expected:
                 self._breaker.record(time.monotonic())
                 self._backoff.failed()
+                if not self._handles and self._breaker.is_open(time.monotonic()):
+                    # Nothing will serve the queued runs until the breaker closes: they fail
+                    # now, as new runs do, instead of waiting out their deadline.
+                    for waiter in self._waiters:
+                        waiter.error = _crash_loop()
+                        waiter.wake()
+                    self._waiters.clear()
         stats.forget(handle.pid)
         if known and expected:
             self._emit("worker:recycled", {"pid": handle.pid, "reason": reason})

@@ -757,3 +757,43 @@ def test_error_tree() -> None:
     for name in ("TimeoutError", "MemoryLimitError", "ScriptError", "CompileError",
                  "SerializationError", "WorkerCrashedError", "ClosedError"):
         assert issubclass(getattr(isobox, name), IsoBoxError)
+
+
+@pytest.mark.timeout(60)
+def test_runs_queued_when_the_crash_loop_breaker_opens_fail_at_once() -> None:
+    """The tenth unexpected death within 10 s opens the crash-loop breaker, and no worker is
+    left: a run already queued for a worker fails at once with the breaker's
+    WorkerCrashedError (cause "crash loop"), as a new run would, instead of waiting out its
+    30 s deadline."""
+    with IsoBox(pool={"min": 1, "max": 1}, timeout=30.0) as box:
+        for _ in range(9):  # each worker serves a run first, so respawns are not backed off
+            assert box.run("1") == 1
+            (pid,) = serving_pids(box)
+            os.kill(pid, signal.SIGKILL)
+            assert wait_until(lambda p=pid: serving_pids(box) - {p}, 10.0)
+        outcomes: dict[str, Any] = {}
+
+        def run(name: str, code: str) -> None:
+            started = time.monotonic()
+            try:
+                outcomes[name] = box.run(code)
+            except isobox.IsoBoxError as exc:
+                outcomes[name] = exc
+            outcomes[name + "_took"] = time.monotonic() - started
+
+        hog = threading.Thread(target=run, args=("hog", "while (true) {}"))
+        hog.start()
+        assert wait_until(lambda: [w for w in box.pool_stats().workers if w.state == "busy"])
+        queued = threading.Thread(target=run, args=("queued", "2"))
+        queued.start()
+        assert wait_until(lambda: box.pool_stats().queued == 1)
+        (pid,) = serving_pids(box)
+        os.kill(pid, signal.SIGKILL)
+        hog.join(10)
+        queued.join(10)
+        assert not hog.is_alive() and not queued.is_alive()
+    assert isinstance(outcomes["hog"], WorkerCrashedError)
+    error = outcomes["queued"]
+    assert isinstance(error, WorkerCrashedError), error
+    assert error.cause == "crash loop"
+    assert outcomes["queued_took"] < 10.0

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from batch_helpers import SLOW, alive, kill, wait_until
 
-from isobox import AsyncIsoBox, IsoBox
+from isobox import AsyncIsoBox, IsoBox, batch
 from isobox.batch import BatchItem
 from isobox.errors import (
     ClosedError,
@@ -404,6 +404,58 @@ def test_a_crash_is_retried_then_succeeds() -> None:
     assert [item.ok for item in items] == [True] * 4
     assert [item.attempts for item in items] == [1, 1, 2, 1]
     assert len(calls) == 1
+
+
+@pytest.mark.timeout(120)
+def test_items_ride_out_the_crash_loop_breaker() -> None:
+    """Twelve items each kill their worker on their first run: the tenth death within 10 s
+    opens the pool's crash-loop breaker, which refuses runs until the deaths age out. Items
+    wait that out instead of spending their retries on refusals: every item succeeds, on its
+    second run."""
+    box, calls, die = _dying_box()
+    first: set[int] = set()
+
+    def die_once(index: int) -> int:
+        if index in first:
+            return 0
+        first.add(index)
+        return die()
+
+    try:
+        items = list(box.map("dieOnce(input); input", range(12), chunk_size=1,
+                             functions={"dieOnce": die_once}))
+    finally:
+        box.shutdown()
+    failed = [(item.index, item.error) for item in items if not item.ok]
+    assert not failed
+    assert [item.value for item in items] == list(range(12))
+    assert [item.attempts for item in items] == [2] * 12
+    assert len(calls) == 12
+
+
+def test_the_retry_decision() -> None:
+    """Crashes are retried after 50, 100, ... ms up to ``retries`` times; refusals by the
+    crash-loop breaker cost no retry and are waited out up to CRASH_LOOP_WAIT seconds."""
+    crash = WorkerCrashedError("died", cause="killed by signal 9")
+    refused = WorkerCrashedError("breaker", cause="crash loop")
+    tries = batch._Attempts(retries=2)
+    pauses = []
+    for _ in range(3):
+        tries.runs += 1
+        pauses.append(tries.pause_after(crash))
+    assert pauses == [0.05, 0.1, None]
+    tries = batch._Attempts(retries=0)
+    waited = 0.0
+    while True:
+        tries.runs += 1
+        pause = tries.pause_after(refused)
+        if pause is None:
+            break
+        waited += pause
+    assert tries.runs == 0  # refused runs never started
+    assert batch.CRASH_LOOP_WAIT - 2.0 <= waited <= batch.CRASH_LOOP_WAIT
+    tries.runs += 1
+    assert tries.pause_after(crash) is None  # retries=0: the first real crash is final
 
 
 # -- asyncio ---------------------------------------------------------------------------------
