@@ -36,9 +36,15 @@ class JournalMismatch(Exception):
 
 
 def fingerprint(script: str, input_path: str, fmt: str) -> str:
-    """What identifies a job: the script's text, the input's path and the output format."""
+    """What identifies a job: the script's text, the input's content (not its path: an input
+    edited in place is another job, a moved one is not) and the output format. Hashing reads
+    the input once (about a second per GB here)."""
     digest = hashlib.sha256(script.encode("utf-8", "surrogatepass")).hexdigest()
-    return json.dumps({"script": digest, "input": os.path.abspath(input_path), "format": fmt})
+    content = hashlib.sha256()
+    with open(input_path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            content.update(block)
+    return json.dumps({"script": digest, "input": content.hexdigest(), "format": fmt})
 
 
 class Journal:

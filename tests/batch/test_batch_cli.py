@@ -257,10 +257,11 @@ def test_resume_without_journal_is_a_usage_error(tmp_path: Path) -> None:
     assert not out.exists()
 
 
-@pytest.mark.parametrize("change", ["script", "input", "format"])
+@pytest.mark.parametrize("change", ["script", "input", "edited input", "format"])
 def test_resume_of_another_job_is_a_usage_error(tmp_path: Path, change: str) -> None:
-    """--resume with another script, input file or format than the journal's: exit 2, and
-    the output and journal are left as they were."""
+    """--resume with another script, input (another file, or the same file edited in place)
+    or format than the journal's: exit 2, and the output and journal are left as they
+    were."""
     src = write_jsonl(tmp_path / "in.jsonl", [{"x": i} for i in range(5)])
     job = script(tmp_path, "input.x")
     out = tmp_path / "out.jsonl"
@@ -270,12 +271,28 @@ def test_resume_of_another_job_is_a_usage_error(tmp_path: Path, change: str) -> 
     if change == "script":
         job = script(tmp_path, "input.x + 1", name="other.js")
     elif change == "input":
-        src = write_jsonl(tmp_path / "other.jsonl", [{"x": i} for i in range(5)])
+        src = write_jsonl(tmp_path / "other.jsonl", [{"x": i} for i in range(1, 6)])
+    elif change == "edited input":
+        src = write_jsonl(src, [{"x": i} for i in range(4)] + [{"x": 40}])
     else:
         extra = ["--format", "csv"]
     done = run_batch_cli(job, src, out, "--resume", *extra)
     assert done.returncode == 2, done.stderr
     assert "another" in done.stderr
+    assert out.read_bytes() == before
+
+
+def test_resume_with_the_input_moved_goes_on(tmp_path: Path) -> None:
+    """The job is the input's content, not its path: --resume with the same input at another
+    path finishes the job (here: nothing is left to run, nothing is written twice)."""
+    src = write_jsonl(tmp_path / "in.jsonl", [{"x": i} for i in range(5)])
+    job = script(tmp_path, "input.x")
+    out = tmp_path / "out.jsonl"
+    assert run_batch_cli(job, src, out).returncode == 0
+    before = out.read_bytes()
+    moved = src.rename(tmp_path / "moved.jsonl")
+    done = run_batch_cli(job, moved, out, "--resume")
+    assert done.returncode == 0, done.stderr
     assert out.read_bytes() == before
 
 
