@@ -22,6 +22,8 @@ IsoBox's own retries handle a sandbox worker that crashed.
 from __future__ import annotations
 
 import itertools
+import json
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,45 +38,71 @@ PLUGIN = "isobox"
 
 
 class IsoBoxPlugin(WorkerPlugin):
-    """A distributed WorkerPlugin: one IsoBox per Dask worker process."""
+    """A distributed WorkerPlugin: one IsoBox per Dask worker process and per set of box
+    options (the options given here make the first one, at the worker's start; a later
+    ``run_batch`` with other ``box_options`` gets a box of its own beside it)."""
 
     name = PLUGIN
-    idempotent = True  # registering it again (a second run_batch) keeps the running box
+    idempotent = True  # registering it again (a second run_batch) keeps the running boxes
 
     def __init__(self, **box_options: Any) -> None:
         self.box_options = box_options
-        self.box: Any = None
+        self.boxes: dict[str, Any] = {}
+
+    @property
+    def box(self) -> Any:
+        """The box of the plugin's own options (None before setup or after teardown)."""
+        return self.boxes.get(_key(self.box_options))
+
+    def box_for(self, box_options: dict[str, Any]) -> Any:
+        """The box with ``box_options`` in this worker, started on first use."""
+        key = _key(box_options)
+        with _BOXES_LOCK:  # the Dask worker's task threads share the plugin
+            box = self.boxes.get(key)
+            if box is None:
+                from isobox.api import IsoBox  # noqa: PLC0415 - in the Dask worker process
+
+                box = self.boxes[key] = IsoBox(typescript="lazy", **box_options)
+        return box
 
     def setup(self, worker: Any) -> None:
-        from isobox.api import IsoBox  # noqa: PLC0415 - in the Dask worker process
-
-        self.box = IsoBox(typescript="lazy", **self.box_options)
+        self.box_for(self.box_options)
 
     def teardown(self, worker: Any) -> None:
-        if self.box is not None:
-            self.box.shutdown()
-            self.box = None
+        with _BOXES_LOCK:
+            boxes = list(self.boxes.values())
+            self.boxes.clear()
+        for box in boxes:
+            box.shutdown()
 
 
-def _box() -> Any:
+_BOXES_LOCK = threading.Lock()
+
+
+def _key(box_options: dict[str, Any]) -> str:
+    return json.dumps(box_options, sort_keys=True, default=repr)
+
+
+def _box(box_options: dict[str, Any] | None = None) -> Any:
     worker = get_worker()
     plugins: dict[str, Any] = worker.plugins
     plugin = plugins.get(PLUGIN)
-    if not isinstance(plugin, IsoBoxPlugin) or plugin.box is None:
-        plugin = IsoBoxPlugin()  # not registered: one box for this process all the same
-        plugin.setup(worker)
+    if not isinstance(plugin, IsoBoxPlugin):
+        plugin = IsoBoxPlugin()  # not registered: boxes for this process all the same
         plugins[PLUGIN] = plugin
-    return plugin.box
+    return plugin.box_for(plugin.box_options if box_options is None else box_options)
 
 
 def map_partition(items: Iterable[Any], code: str, start: int = 0,
-                  options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                  options: dict[str, Any] | None = None,
+                  box_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Run ``code`` over one partition on this Dask worker's IsoBox; a record per item
     (``index`` counts from ``start``): ``{"index", "ok", "value"}`` or ``{"index", "ok",
     "error": {...}}`` with the error as :func:`isobox.errors.error_to_dict` gives it.
-    ``options`` are ``map``'s. The partition comes first, as ``map_partitions`` passes it."""
+    ``options`` are ``map``'s; ``box_options`` choose the box (default: the registered
+    plugin's). The partition comes first, as ``map_partitions`` passes it."""
     out: list[dict[str, Any]] = []
-    for item in _box().map(code, items, **(options or {})):
+    for item in _box(box_options).map(code, items, **(options or {})):
         record: dict[str, Any] = {"index": start + item.index, "ok": item.ok,
                                   "attempts": item.attempts}
         if item.ok:
@@ -97,15 +125,19 @@ def run_batch(client: Any, code: str, inputs: Iterable[Any], *, partition_size: 
               box_options: dict[str, Any] | None = None, **options: Any) -> list[BatchItem]:
     """Run ``code`` over ``inputs`` on the cluster of ``client``; a :class:`BatchItem` per
     input, in input order. ``options`` are ``map``'s (``retries``, ``chunk_size``, run
-    options); ``box_options`` configure each worker's IsoBox (``pool``, limits)."""
+    options); ``box_options`` configure each worker's IsoBox (``pool``, limits). A later call
+    with other ``box_options`` runs on boxes of its own (the earlier ones stay up until the
+    plugin is unregistered or the worker ends)."""
     if partition_size < 1:
         raise ValueError("partition_size must be >= 1")
-    client.register_plugin(IsoBoxPlugin(**(box_options or {})), name=PLUGIN)
+    box_options = dict(box_options or {})
+    client.register_plugin(IsoBoxPlugin(**box_options), name=PLUGIN)
     futures = []
     it = iter(inputs)
     start = 0
     while batch := list(itertools.islice(it, partition_size)):
-        futures.append(client.submit(map_partition, batch, code, start, options, pure=False))
+        futures.append(client.submit(map_partition, batch, code, start, options, box_options,
+                                     pure=False))
         start += len(batch)
     items: list[BatchItem] = []
     for records in client.gather(futures):

@@ -112,10 +112,11 @@ class BoxOptions:
         """A copy with per-run options applied (and validated)."""
         if not overrides:
             return self
-        if "sandbox" in overrides and overrides["sandbox"] is not None:
+        if "sandbox" in overrides:
+            # A run's sandbox is merged over the box's; None means the run brings none.
             merged = {**_mapping("sandbox", self.sandbox),
                       **_mapping("sandbox", overrides["sandbox"])}
-            overrides = {**overrides, "sandbox": merged}
+            overrides = {**overrides, "sandbox": merged or None}
         return replace(self, **overrides)
 
 

@@ -187,3 +187,28 @@ def test_run_batch_is_in_input_order_even_with_ordered_false() -> None:
                                 chunk_size=1, box_options={"pool": {"min": 2, "max": 2}})
     assert [item.index for item in items] == list(range(100))
     assert [item.value for item in items] == list(range(100))
+
+
+@pytest.mark.usefixtures("no_leftovers")
+def test_a_second_run_batch_with_other_box_options_gets_boxes_of_its_own() -> None:
+    """box_options choose the box: a second run_batch with other options runs on a box of
+    its own in each Dask worker (beside the first, which a third call with the first's
+    options uses again), and unregistering the plugin shuts them all down."""
+    code = "k * 100 + input"
+    with cluster() as client:
+        pids = list(worker_pids(client).values())
+        one = idask.run_batch(client, code, range(40), partition_size=10,
+                              box_options={**BOX, "sandbox": {"k": 1}})
+        two = idask.run_batch(client, code, range(40), partition_size=10,
+                              box_options={**BOX, "sandbox": {"k": 2}})
+        again = idask.run_batch(client, code, range(40), partition_size=10,
+                                box_options={**BOX, "sandbox": {"k": 1}})
+        assert [i.value for i in one] == [100 + i for i in range(40)]
+        assert [i.value for i in two] == [200 + i for i in range(40)]
+        assert [i.value for i in again] == [100 + i for i in range(40)]
+        counts = client.run(lambda dask_worker: len(dask_worker.plugins["isobox"].boxes))
+        assert set(counts.values()) <= {1, 2}  # a worker that got no partition has fewer
+        assert sum(counts.values()) == len(servers_under(pids))
+        assert max(counts.values()) == 2
+        client.unregister_worker_plugin(idask.PLUGIN)
+        assert wait_until(lambda: not servers_under(pids), 15.0)

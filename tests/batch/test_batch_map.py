@@ -218,6 +218,20 @@ def test_sandbox_merges_with_input(box: IsoBox) -> None:
         assert [item.value for item in items] == [["a", 5, 1], ["b", 5, 1], ["c", 5, 1]]
 
 
+@pytest.mark.parametrize("mode", ["process", "inprocess"])
+def test_the_box_sandbox_reaches_every_item(mode: str) -> None:
+    """The box's own sandbox is under every item's globals, chunked or alone, as under every
+    run's; map's sandbox= is merged over it (the README's rule for runs)."""
+    with IsoBox(mode=mode, sandbox={"k": 1, "j": 2}, pool={"min": 1, "max": 1}) as own:
+        for size in (1, 4):
+            plain = list(own.map("[input, k, j]", ["a", "b"], chunk_size=size))
+            assert [item.value for item in plain] == [["a", 1, 2], ["b", 1, 2]], size
+            over = list(own.map("[input, k, j]", ["a", "b"], chunk_size=size,
+                                sandbox={"k": 10}))
+            assert [item.value for item in over] == [["a", 10, 2], ["b", 10, 2]], size
+        assert own.run("k + j", sandbox=None) == 3  # None: no sandbox of its own
+
+
 def test_empty_input(box: IsoBox) -> None:
     """No inputs: no items, no error."""
     assert list(box.map("input", [])) == []
