@@ -198,6 +198,8 @@ def batch_command(  # noqa: PLR0917 - click passes one argument per option
     record per input. Killed at any moment, run again with --resume: every index ends up in
     the output exactly once."""
     fmt = _format(input_path, fmt)
+    if not input_path.is_file():  # a pipe could not be read twice (to identify the job, to run)
+        raise click.UsageError(f"--input {input_path} must be a regular file")
     code = script.read_text(encoding="utf-8")
     if output_path.exists() and not resume:
         raise click.UsageError(f"{output_path} exists: pass --resume to finish that job, or "

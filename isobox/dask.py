@@ -32,7 +32,7 @@ from distributed import WorkerPlugin, get_worker
 from isobox.batch import BatchItem
 from isobox.errors import error_from_dict, error_to_dict
 
-__all__ = ["IsoBoxPlugin", "map_partition", "run_batch"]
+__all__ = ["IsoBoxPlugin", "box_key", "map_partition", "run_batch"]
 
 PLUGIN = "isobox"
 
@@ -47,16 +47,20 @@ class IsoBoxPlugin(WorkerPlugin):
 
     def __init__(self, **box_options: Any) -> None:
         self.box_options = box_options
+        # Made here, in the client, once: options holding callables (host functions) reach
+        # each worker and task as new objects, so they cannot be compared there.
+        self.key = box_key(box_options)
         self.boxes: dict[str, Any] = {}
 
     @property
     def box(self) -> Any:
         """The box of the plugin's own options (None before setup or after teardown)."""
-        return self.boxes.get(_key(self.box_options))
+        return self.boxes.get(self.key)
 
-    def box_for(self, box_options: dict[str, Any]) -> Any:
-        """The box with ``box_options`` in this worker, started on first use."""
-        key = _key(box_options)
+    def box_for(self, box_options: dict[str, Any], key: str | None = None) -> Any:
+        """The box with ``box_options`` (known by ``key``, made by :func:`box_key` in the
+        client) in this worker, started on first use."""
+        key = box_key(box_options) if key is None else key
         with _BOXES_LOCK:  # the Dask worker's task threads share the plugin
             box = self.boxes.get(key)
             if box is None:
@@ -66,7 +70,7 @@ class IsoBoxPlugin(WorkerPlugin):
         return box
 
     def setup(self, worker: Any) -> None:
-        self.box_for(self.box_options)
+        self.box_for(self.box_options, self.key)
 
     def teardown(self, worker: Any) -> None:
         with _BOXES_LOCK:
@@ -79,30 +83,37 @@ class IsoBoxPlugin(WorkerPlugin):
 _BOXES_LOCK = threading.Lock()
 
 
-def _key(box_options: dict[str, Any]) -> str:
+def box_key(box_options: dict[str, Any]) -> str:
+    """What tells boxes apart: the options as JSON (anything else by its ``repr``, so a
+    callable is known by its identity in the process that made the key)."""
     return json.dumps(box_options, sort_keys=True, default=repr)
 
 
-def _box(box_options: dict[str, Any] | None = None) -> Any:
+def _box(box_options: dict[str, Any] | None, key: str | None) -> Any:
     worker = get_worker()
     plugins: dict[str, Any] = worker.plugins
     plugin = plugins.get(PLUGIN)
     if not isinstance(plugin, IsoBoxPlugin):
         plugin = IsoBoxPlugin()  # not registered: boxes for this process all the same
         plugins[PLUGIN] = plugin
-    return plugin.box_for(plugin.box_options if box_options is None else box_options)
+    if box_options is None:
+        return plugin.box_for(plugin.box_options, plugin.key)
+    return plugin.box_for(box_options, key)
 
 
 def map_partition(items: Iterable[Any], code: str, start: int = 0,
-                  options: dict[str, Any] | None = None,
-                  box_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                  options: dict[str, Any] | None = None, *,
+                  box_options: dict[str, Any] | None = None,
+                  box_id: str | None = None) -> list[dict[str, Any]]:
     """Run ``code`` over one partition on this Dask worker's IsoBox; a record per item
     (``index`` counts from ``start``): ``{"index", "ok", "value"}`` or ``{"index", "ok",
     "error": {...}}`` with the error as :func:`isobox.errors.error_to_dict` gives it.
     ``options`` are ``map``'s; ``box_options`` choose the box (default: the registered
-    plugin's). The partition comes first, as ``map_partitions`` passes it."""
+    plugin's), ``box_id`` names it (:func:`box_key` of the options, made in the client; pass
+    it when the options hold callables). The partition comes first, as ``map_partitions``
+    passes it."""
     out: list[dict[str, Any]] = []
-    for item in _box(box_options).map(code, items, **(options or {})):
+    for item in _box(box_options, box_id).map(code, items, **(options or {})):
         record: dict[str, Any] = {"index": start + item.index, "ok": item.ok,
                                   "attempts": item.attempts}
         if item.ok:
@@ -130,13 +141,14 @@ def run_batch(client: Any, code: str, inputs: Iterable[Any], *, partition_size: 
     plugin is unregistered or the worker ends)."""
     if partition_size < 1:
         raise ValueError("partition_size must be >= 1")
-    box_options = dict(box_options or {})
-    client.register_plugin(IsoBoxPlugin(**box_options), name=PLUGIN)
+    plugin = IsoBoxPlugin(**(box_options or {}))
+    client.register_plugin(plugin, name=PLUGIN)
     futures = []
     it = iter(inputs)
     start = 0
     while batch := list(itertools.islice(it, partition_size)):
-        futures.append(client.submit(map_partition, batch, code, start, options, box_options,
+        futures.append(client.submit(map_partition, batch, code, start, options,
+                                     box_options=plugin.box_options, box_id=plugin.key,
                                      pure=False))
         start += len(batch)
     items: list[BatchItem] = []

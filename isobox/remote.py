@@ -34,22 +34,38 @@ OnOutput = Callable[[list[tuple[str, str]]], None]
 _GONE = object()  # put in every waiting queue when the connection drops
 _ABANDONED = object()  # put in a request's queue when its caller gave up
 _T = TypeVar("_T")
-# The ids of the requests a thread makes for an asyncio caller (see Cancellable).
-_TICKETS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
-    "isobox_remote_tickets", default=None)
 _CANCEL_WAIT = 2.0  # how long a cancelled caller waits for its thread to give up
 
 
+class _Tickets:
+    """The daemon requests in flight that a thread made for an asyncio caller, and whether
+    that caller gave up (then the thread may start no more)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # the caller's loop thread and the worker thread
+        self.ids: list[int] = []
+        self.cancelled = False
+
+
+_TICKETS: contextvars.ContextVar[_Tickets | None] = contextvars.ContextVar(
+    "isobox_remote_tickets", default=None)
+
+
 def _issued(rid: int) -> None:
+    """Before request ``rid`` is sent: note it, or refuse it if the caller gave up."""
     tickets = _TICKETS.get()
     if tickets is not None:
-        tickets.append(rid)
+        with tickets.lock:
+            if tickets.cancelled:
+                raise DaemonError("the request was cancelled")
+            tickets.ids.append(rid)
 
 
 def _settled(rid: int) -> None:
     tickets = _TICKETS.get()
-    if tickets is not None and rid in tickets:
-        tickets.remove(rid)
+    if tickets is not None:
+        with tickets.lock, contextlib.suppress(ValueError):
+            tickets.ids.remove(rid)
 
 
 class Cancellable:
@@ -60,8 +76,8 @@ class Cancellable:
 
     def __init__(self, remote: RemoteClient) -> None:
         self._remote = remote
-        self._tickets: list[int] = []
-        self._context = contextvars.copy_context()  # the calls run in it: they see the list
+        self._tickets = _Tickets()
+        self._context = contextvars.copy_context()  # the calls run in it: they see the tickets
         self._context.run(_TICKETS.set, self._tickets)
 
     async def call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
@@ -78,10 +94,13 @@ class Cancellable:
             raise
 
     def abandon(self) -> None:
-        """Give up every request the calls made (those already answered are not affected)."""
-        for rid in self._tickets:
+        """Give up every request the calls made and still wait for (answered ones are not
+        affected); a call that had not sent its request yet will not send it."""
+        with self._tickets.lock:
+            self._tickets.cancelled = True
+            ids, self._tickets.ids = self._tickets.ids, []
+        for rid in ids:
             self._remote.abandon(rid)
-        self._tickets.clear()
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,9 +250,9 @@ class RemoteClient:
         """Send one request and wait for its RESULT body (an ERROR raises its typed error).
         ``timeout`` bounds the wait; the daemon's own watchdog answers well before it."""
         rid = next(self._rids)
+        _issued(rid)
         waiter: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._waiting[rid] = waiter
-        _issued(rid)
         try:
             self._send(msg, rid, body)
             deadline = time.monotonic() + timeout
@@ -320,9 +339,9 @@ class RemoteClient:
         """Values of a stream run by the daemon, granting credit as they are taken; leaving
         early cancels it there (the worker runs the generator's ``return()``)."""
         rid = next(self._rids)
+        _issued(rid)
         waiter: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._waiting[rid] = waiter
-        _issued(rid)
         finished = False
         try:
             self._send(MsgType.API, rid, {**body, "window": window})
@@ -355,6 +374,7 @@ class RemoteClient:
         finally:
             if not finished:
                 self._cancel(rid)
+            _settled(rid)
             self._waiting.pop(rid, None)
             self._owner.pop(rid, None)
 

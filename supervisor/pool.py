@@ -354,17 +354,22 @@ class Pool:
             if not expected:
                 self._breaker.record(time.monotonic())
                 self._backoff.failed()
-                if not self._handles and self._breaker.is_open(time.monotonic()):
-                    # Nothing will serve the queued runs until the breaker closes: they fail
-                    # now, as new runs do, instead of waiting out their deadline.
-                    for waiter in self._waiters:
-                        waiter.error = _crash_loop()
-                        waiter.wake()
-                    self._waiters.clear()
+                self._fail_queued_if_looping()
         stats.forget(handle.pid)
         if known and expected:
             self._emit("worker:recycled", {"pid": handle.pid, "reason": reason})
         self._poke()
+
+    def _fail_queued_if_looping(self) -> None:
+        """After a death (under ``_lock``): if the breaker is open and no worker is up or
+        starting, nothing will serve the queued runs until it closes, so they fail now, as new
+        runs do, instead of waiting out their deadline."""
+        if self._handles or self._spawning or not self._breaker.is_open(time.monotonic()):
+            return
+        for waiter in self._waiters:
+            waiter.error = _crash_loop()
+            waiter.wake()
+        self._waiters.clear()
 
     def _stop_one(self, handle: WorkerHandle) -> None:
         with contextlib.suppress(Exception):
@@ -791,6 +796,7 @@ class Pool:
                 self._spawning -= 1
                 self._backoff.failed()
                 self._breaker.record(time.monotonic())
+                self._fail_queued_if_looping()
             return
         with self._lock:
             self._spawning -= 1

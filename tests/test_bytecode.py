@@ -78,16 +78,31 @@ def test_a_context_gets_bytecode_only_while_pristine() -> None:
     assert jc.library("mods") == engine._MODS
 
 
-@needs_loader
-def test_a_session_run_loads_the_module_system_from_source() -> None:
+def test_a_session_run_loads_the_module_system_from_source(
+        loader: bytecode.Loader, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session that already ran user code gets the module system as source: no bytecode is
+    read into it (JS_ReadObject would evaluate in a realm the script could have tampered
+    with)."""
     eng = engine.Engine()
     first = eng.run(engine.RunSpec(code="globalThis.x = 1", session="s"))
     assert first.kind == "R"
     jc = eng._sessions["s"]
     assert not jc.pristine and not jc.mods
+    read: list[bytes] = []
+    real = loader.load
+
+    def spy(ctx: _quickjs.Context, code: bytes) -> _quickjs.Object | None:
+        read.append(code)
+        return real(ctx, code)
+
+    monkeypatch.setattr(loader, "load", spy)
     spec = engine.RunSpec(code="require('util').format('%d', x + 1)", session="s", require=[])
     assert eng.run(spec).kind in "RE"  # whatever the module says, it was loaded from source
     assert jc.mods
+    assert engine._BYTECODE["mods"] not in read
+    fresh = engine.JsContext()
+    assert isinstance(fresh.library("mods"), _quickjs.Object)  # the spy sees reads at all
+    assert engine._BYTECODE["mods"] in read
 
 
 def test_the_next_context_preloads_what_the_last_run_used() -> None:

@@ -766,6 +766,8 @@ def test_runs_queued_when_the_crash_loop_breaker_opens_fail_at_once() -> None:
     WorkerCrashedError (cause "crash loop"), as a new run would, instead of waiting out its
     30 s deadline."""
     with IsoBox(pool={"min": 1, "max": 1}, timeout=30.0) as box:
+        assert box._pool is not None
+        box._pool._breaker.window = 300.0  # ten deaths surely fall in it, however slow we are
         for _ in range(9):  # each worker serves a run first, so respawns are not backed off
             assert box.run("1") == 1
             (pid,) = serving_pids(box)

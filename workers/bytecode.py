@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import sys
 from importlib import metadata
 
 import _quickjs
@@ -31,6 +32,7 @@ _EVAL_COMPILE_ONLY = 1 << 5  # JS_EVAL_TYPE_GLOBAL | JS_EVAL_FLAG_COMPILE_ONLY
 _OBJ_BYTECODE = 1 << 0  # JS_WRITE_OBJ_BYTECODE / JS_READ_OBJ_BYTECODE
 _TAG_EXCEPTION = 6
 _LAYOUT_VERSION = "0.17."  # the binding version whose Context struct this module reads
+_CONTEXT_FIELDS = 64  # its fields after PyObject_HEAD on 64-bit builds (module.c, RuntimeData)
 # How an evaluated value reaches the binding: a global whose getter deletes it on first read.
 _STASH = "__isobox_bytecode__"
 
@@ -53,6 +55,7 @@ def _bind(path: str) -> ctypes.PyDLL:
         ("JS_FreeValue", None, [ptr, _JSValue]),
         ("JS_GetException", _JSValue, [ptr]),
         ("JS_GetRuntime", ptr, [ptr]),
+        ("JS_UpdateStackTop", None, [ptr]),
         ("js_free", None, [ptr, ptr]),
     ):
         fn = getattr(lib, name)
@@ -62,7 +65,7 @@ def _bind(path: str) -> ctypes.PyDLL:
 
 def wrap(source: str) -> str:
     """The source of a script whose value is ``source``'s (one expression), left in the stash.
-    Nothing is added before ``source`` on its first line's left, so line numbers stay."""
+    The wrapper goes on the first line only (its columns shift), so line numbers stay."""
     body = source.rstrip().rstrip(";")
     return (f"(function (v) {{ Object.defineProperty(globalThis, '{_STASH}', {{ configurable: "
             f"true, get() {{ delete globalThis['{_STASH}']; return v; }} }}); }})({body}\n)")
@@ -79,6 +82,9 @@ class Loader:
         runtime, context = ctypes.cast(id(ctx) + self._offset, ctypes.POINTER(ctypes.c_void_p))[0:2]
         if not runtime or not context or self._lib.JS_GetRuntime(context) != runtime:
             raise RuntimeError("the binding's Context does not hold the expected pointers")
+        # The stack limit is measured from the top QuickJS last recorded: this thread's, now
+        # (the binding does the same before each of its own calls).
+        self._lib.JS_UpdateStackTop(runtime)
         return int(context)
 
     def _clear(self, context: int) -> None:
@@ -127,17 +133,21 @@ class Loader:
 def _open() -> tuple[Loader | None, str]:
     if os.environ.get("ISOBOX_BYTECODE", "1") == "0":
         return None, "ISOBOX_BYTECODE=0"
+    if sys.implementation.name != "cpython" or ctypes.sizeof(ctypes.c_void_p) != 8:
+        return None, "bytecode loading needs 64-bit CPython (id() as an address, no NaN boxing)"
     try:
         version = metadata.version("quickjs-ng")
+        files = metadata.files("quickjs-ng") or []
     except metadata.PackageNotFoundError:
         return None, "the quickjs-ng distribution was not found"
     if not version.startswith(_LAYOUT_VERSION):
         return None, f"quickjs-ng {version} is not the {_LAYOUT_VERSION}x layout this reads"
+    loaded = os.path.realpath(_quickjs.__file__ or "")
+    if not any(os.path.realpath(str(f.locate())) == loaded for f in files):
+        return None, "the loaded _quickjs module is not the quickjs-ng distribution's"
     offset = object.__basicsize__  # PyObject_HEAD, then JSRuntime* and JSContext*
-    if _quickjs.Context.__basicsize__ < offset + 2 * ctypes.sizeof(ctypes.c_void_p):
-        return None, "the binding's Context is smaller than expected"
-    if ctypes.sizeof(ctypes.c_void_p) != 8:
-        return None, "bytecode loading needs a 64-bit build (JSValue without NaN boxing)"
+    if _quickjs.Context.__basicsize__ != offset + _CONTEXT_FIELDS:
+        return None, "the binding's Context is not the size of the layout this reads"
     try:
         loader = Loader(_bind(_quickjs.__file__), offset)
         probe = loader.load(_quickjs.Context(), loader.compile("[40 + 2, 'ok']"))

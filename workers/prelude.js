@@ -87,8 +87,9 @@
   };
   // If anything the user controls throws past the handlers below, the answer is this constant:
   // no thrown value ever reaches the binding, which would convert it outside the time limit.
-  // The setup of runs that bring more than code. A string until a run needs it: QuickJS
-  // compiles every function of the prelude in every context, but a string costs only its scan.
+  // The setup of runs that bring more than code. A string until a run needs it: every
+  // function of the prelude is created in every context (read from bytecode, or parsed), but
+  // a string costs only its copy.
   let rare = null;
   const RARE = `(function (S) {
     const { G, dp } = S;

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -280,6 +281,17 @@ def test_resume_of_another_job_is_a_usage_error(tmp_path: Path, change: str) -> 
     assert done.returncode == 2, done.stderr
     assert "another" in done.stderr
     assert out.read_bytes() == before
+
+
+def test_a_pipe_as_input_is_a_usage_error(tmp_path: Path) -> None:
+    """The input is read twice (its content identifies the job): a FIFO is refused with exit
+    2 at once, without blocking on it."""
+    fifo = tmp_path / "in.jsonl"
+    os.mkfifo(fifo)
+    done = run_batch_cli(script(tmp_path), fifo, tmp_path / "out.jsonl")
+    assert done.returncode == 2, done.stderr
+    assert "regular file" in done.stderr
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 def test_resume_with_the_input_moved_goes_on(tmp_path: Path) -> None:

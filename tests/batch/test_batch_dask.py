@@ -193,7 +193,8 @@ def test_run_batch_is_in_input_order_even_with_ordered_false() -> None:
 def test_a_second_run_batch_with_other_box_options_gets_boxes_of_its_own() -> None:
     """box_options choose the box: a second run_batch with other options runs on a box of
     its own in each Dask worker (beside the first, which a third call with the first's
-    options uses again), and unregistering the plugin shuts them all down."""
+    options uses again), options with host functions get one box per worker too, and
+    unregistering the plugin shuts them all down."""
     code = "k * 100 + input"
     with cluster() as client:
         pids = list(worker_pids(client).values())
@@ -206,9 +207,14 @@ def test_a_second_run_batch_with_other_box_options_gets_boxes_of_its_own() -> No
         assert [i.value for i in one] == [100 + i for i in range(40)]
         assert [i.value for i in two] == [200 + i for i in range(40)]
         assert [i.value for i in again] == [100 + i for i in range(40)]
+        # Host functions in box_options arrive in each task as new objects: the box is still
+        # found by the key run_batch made, not started again for every partition.
+        tagged = idask.run_batch(client, "tag() + input", range(40), partition_size=5,
+                                 box_options={**BOX, "functions": {"tag": lambda: "t"}})
+        assert [i.value for i in tagged] == [f"t{i}" for i in range(40)]
         counts = client.run(lambda dask_worker: len(dask_worker.plugins["isobox"].boxes))
-        assert set(counts.values()) <= {1, 2}  # a worker that got no partition has fewer
+        assert set(counts.values()) <= {1, 2, 3}  # a worker that got no partition has fewer
         assert sum(counts.values()) == len(servers_under(pids))
-        assert max(counts.values()) == 2
+        assert max(counts.values()) == 3
         client.unregister_worker_plugin(idask.PLUGIN)
         assert wait_until(lambda: not servers_under(pids), 15.0)

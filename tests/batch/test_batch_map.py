@@ -422,11 +422,17 @@ def test_a_crash_is_retried_then_succeeds() -> None:
 
 @pytest.mark.timeout(120)
 def test_items_ride_out_the_crash_loop_breaker() -> None:
-    """Twelve items each kill their worker on their first run: the tenth death within 10 s
-    opens the pool's crash-loop breaker, which refuses runs until the deaths age out. Items
-    wait that out instead of spending their retries on refusals: every item succeeds, on its
+    """Twelve items each kill their worker on their first run: the fourth death within 3 s
+    opens the pool's crash-loop breaker (made 4 deaths in 3 s instead of 10 in 10 s, so that
+    it surely opens, and closes soon), which refuses runs until the deaths age out. Items wait
+    that out instead of spending their retries on refusals: every item succeeds, on its
     second run."""
     box, calls, die = _dying_box()
+    assert box._pool is not None
+    box._pool._breaker.threshold = 4
+    box._pool._breaker.window = 3.0
+    refusals: list[str] = []
+    box.on("error", lambda event: refusals.append(getattr(event["error"], "cause", "")))
     first: set[int] = set()
 
     def die_once(index: int) -> int:
@@ -445,6 +451,7 @@ def test_items_ride_out_the_crash_loop_breaker() -> None:
     assert [item.value for item in items] == list(range(12))
     assert [item.attempts for item in items] == [2] * 12
     assert len(calls) == 12
+    assert "crash loop" in refusals, "the breaker never opened: the test proved nothing"
 
 
 def test_the_retry_decision() -> None:
