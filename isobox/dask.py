@@ -21,12 +21,14 @@ IsoBox's own retries handle a sandbox worker that crashed.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
-import json
 import threading
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
+import cloudpickle
 from distributed import WorkerPlugin, get_worker
 
 from isobox.batch import BatchItem
@@ -84,9 +86,14 @@ _BOXES_LOCK = threading.Lock()
 
 
 def box_key(box_options: dict[str, Any]) -> str:
-    """What tells boxes apart: the options as JSON (anything else by its ``repr``, so a
-    callable is known by its identity in the process that made the key)."""
-    return json.dumps(box_options, sort_keys=True, default=repr)
+    """What tells boxes apart: a hash of the options pickled as Dask ships them
+    (cloudpickle: a host function by its code and closure, not by its address, which a
+    later function can reuse); options that cannot be pickled get a key of their own."""
+    try:
+        data = cloudpickle.dumps(dict(sorted(box_options.items())))
+    except Exception:  # anything unpicklable: never share its box
+        return f"unshared-{uuid.uuid4().hex}"
+    return hashlib.sha256(data).hexdigest()
 
 
 def _box(box_options: dict[str, Any] | None, key: str | None) -> Any:

@@ -250,34 +250,34 @@ class RemoteClient:
         """Send one request and wait for its RESULT body (an ERROR raises its typed error).
         ``timeout`` bounds the wait; the daemon's own watchdog answers well before it."""
         rid = next(self._rids)
-        _issued(rid)
         waiter: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._waiting[rid] = waiter
+        self._waiting[rid] = waiter  # first: abandon() must find it once the id is known
+        answered = False
         try:
+            _issued(rid)
             self._send(msg, rid, body)
             deadline = time.monotonic() + timeout
             while True:
                 try:
                     item = waiter.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
-                    self._cancel(rid)
                     raise TimeoutError("the daemon did not answer in time", kind="wall",
                                        limit=timeout) from None
                 frame = self._frame(item, "request")
                 if frame.type is MsgType.RESULT:
+                    answered = True
                     return frame.body
                 if frame.type is MsgType.ERROR:
+                    answered = True
                     raise _error(frame)
                 if frame.type is MsgType.OUTPUT and on_output is not None:
                     lines = frame.body.get("console", [])
                     on_output([(str(k), str(m)) for k, m in lines])
                 elif frame.type is MsgType.CALL:
                     self._answer(rid, frame, call)
-        except BaseException as exc:
-            if not isinstance(exc, Exception):  # KeyboardInterrupt: the daemon stops the run
-                self._cancel(rid)
-            raise
         finally:
+            if not answered:  # a timeout, an abandon, Ctrl-C: the daemon stops its work
+                self._cancel(rid)
             _settled(rid)
             self._waiting.pop(rid, None)
             self._owner.pop(rid, None)
@@ -301,16 +301,26 @@ class RemoteClient:
         self._send(MsgType.REPLY, rid, {"cid": cid, "reply": reply})
 
     def abandon(self, rid: int) -> None:
-        """Give up request ``rid`` from another thread (its caller was cancelled): the daemon
-        stops its work and the thread waiting for it returns at once."""
-        self._cancel(rid)
+        """Give up request ``rid`` from another thread (its caller was cancelled): the thread
+        waiting for it returns at once and cancels it, and so does a short thread of its own
+        in case that one is busy (a host function, a large send). Never blocks the caller,
+        which may be an event loop."""
         waiter = self._waiting.get(rid)
         if waiter is not None:
             waiter.put(_ABANDONED)
+        threading.Thread(target=self._cancel, args=(rid,), daemon=True,
+                         name="isobox-cancel").start()
 
     def _cancel(self, rid: int) -> None:
-        with contextlib.suppress(DaemonError):  # gone: the daemon cancels all of ours anyway
-            self._send(MsgType.CANCEL, rid, {})
+        """CANCEL request ``rid`` if it went out on the connection still open; never connects
+        (on a connection that was lost, the daemon cancelled it already) and never raises."""
+        frame = encode_frame(MsgType.CANCEL, rid, {})
+        with self._lock:
+            sock = self._sock
+            if sock is None or self._owner.get(rid) is not sock:
+                return
+            with contextlib.suppress(OSError):
+                sock.sendall(frame)
 
     def run(self, body: dict[str, Any], *, timeout: float, on_output: OnOutput | None,
             call: Callable[[str, str], str] | None, priority: int = 0
@@ -339,11 +349,11 @@ class RemoteClient:
         """Values of a stream run by the daemon, granting credit as they are taken; leaving
         early cancels it there (the worker runs the generator's ``return()``)."""
         rid = next(self._rids)
-        _issued(rid)
         waiter: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._waiting[rid] = waiter
+        self._waiting[rid] = waiter  # first: abandon() must find it once the id is known
         finished = False
         try:
+            _issued(rid)
             self._send(MsgType.API, rid, {**body, "window": window})
             quarter, taken = max(1, window // 4), 0
             while True:

@@ -218,3 +218,19 @@ def test_a_second_run_batch_with_other_box_options_gets_boxes_of_its_own() -> No
         assert max(counts.values()) == 3
         client.unregister_worker_plugin(idask.PLUGIN)
         assert wait_until(lambda: not servers_under(pids), 15.0)
+
+
+def test_box_keys_follow_what_the_options_are() -> None:
+    """A box is known by what its options are, host functions by their code and closure (not
+    their address, which a later function may reuse): equal options share a box, others do
+    not, and options that cannot be pickled never share one."""
+    def make(value: int) -> Any:
+        return lambda: value
+
+    one, same, two = make(1), make(1), make(2)
+    assert idask.box_key({"functions": {"t": one}}) == idask.box_key({"functions": {"t": same}})
+    assert idask.box_key({"functions": {"t": one}}) != idask.box_key({"functions": {"t": two}})
+    assert idask.box_key({"pool": {"min": 1}}) == idask.box_key({"pool": {"min": 1}})
+    assert idask.box_key({"pool": {"min": 1}}) != idask.box_key({"pool": {"min": 2}})
+    lock = threading.Lock()
+    assert idask.box_key({"x": lock}) != idask.box_key({"x": lock})

@@ -16,7 +16,7 @@ import psutil
 import pytest
 from daemon_helpers import Background, Daemon, StartDaemon, gone, wait_until
 
-from isobox import AsyncIsoBox, DaemonError, IsoBox
+from isobox import AsyncIsoBox, DaemonError, IsoBox, remote
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -182,6 +182,35 @@ def test_cancelling_an_async_remote_stream_cancels_it_in_the_daemon(
     busy, after = asyncio.run(main())
     assert busy == []
     assert after == [1, 2]
+
+
+def test_abandoning_a_request_before_it_is_sent_still_cancels_it(
+        start_daemon: StartDaemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race of a cancelled async caller: abandon() lands after the request got its id but
+    before it went out, so a CANCEL sent then would reach the daemon before the RUN. The
+    request's own thread must still cancel it once it is out: the caller gets DaemonError and
+    the daemon frees the worker at once, not after the run's 30 s."""
+    daemon = start_daemon("--workers", "1")
+    box = IsoBox(address=daemon.address)
+    client = box._remote
+    assert client is not None
+    real = remote._issued
+
+    def issued_then_abandoned(rid: int) -> None:
+        real(rid)
+        client.abandon(rid)  # what the event loop does if the task is cancelled right now
+
+    monkeypatch.setattr(remote, "_issued", issued_then_abandoned)
+    try:
+        started = time.monotonic()
+        with pytest.raises(DaemonError, match="cancelled"):
+            box.run("while (true) {}", timeout=30)
+        assert time.monotonic() - started < 5
+        assert wait_until(lambda: not daemon.busy_workers(), 3.0)
+        monkeypatch.setattr(remote, "_issued", real)
+        assert box.run("6 * 7") == 42
+    finally:
+        box.shutdown()
 
 
 def test_killed_client_process_has_its_run_cancelled(start_daemon: StartDaemon) -> None:

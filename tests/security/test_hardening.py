@@ -357,12 +357,16 @@ def test_cpu_watchdog_after_a_stream(pbox: IsoBox, ending: str) -> None:
     """A stream's last frame carries the worker's CPU figure, as a run's does: the run after
     it, on the same worker, is watched from /proc like any other (ended in about the budget,
     not by the engine's rare polls or the 20 s wall timeout)."""
+    assert pbox.run("1") == 1
+    before = {w.pid for w in pbox.pool_stats().workers}
     if ending == "finished":
         assert list(pbox.run_stream("for (let i = 0; i < 3; i++) yield i")) == [0, 1, 2]
     else:
         stream = pbox.run_stream("let i = 0; while (true) yield i++")
         assert next(stream) == 0
         stream.close()
+    # The same worker (a new one would report its CPU baseline anyway, proving nothing).
+    assert {w.pid for w in pbox.pool_stats().workers} == before
     started = time.monotonic()
     with pytest.raises(isobox.TimeoutError) as info:
         pbox.run(COSTLY_TURNS)
