@@ -96,7 +96,8 @@ def test_a_session_run_loads_the_module_system_from_source(
         return real(ctx, code)
 
     monkeypatch.setattr(loader, "load", spy)
-    spec = engine.RunSpec(code="require('util').format('%d', x + 1)", session="s", require=[])
+    spec = engine.RunSpec(code="require('util').format('%d', x + 1)", session="s",
+                          require={})  # an empty policy: require() exists, nothing allowed
     assert eng.run(spec).kind in "RE"  # whatever the module says, it was loaded from source
     assert jc.mods
     assert engine._BYTECODE["mods"] not in read

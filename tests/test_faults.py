@@ -20,8 +20,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import psutil
 import pytest
@@ -40,6 +41,9 @@ from isobox import (
 )
 from isobox import TimeoutError as BoxTimeoutError
 from isobox.protocol import MsgType, encode_frame
+
+if TYPE_CHECKING:
+    from isobox.supervisor.pool import Pool
 
 POOL = {"min": 2, "max": 2}
 MIB = 2**20
@@ -227,7 +231,7 @@ def test_worker_killed_after_run(box: IsoBox, sig: int) -> None:
 @pytest.mark.timeout(30)
 def test_fork_server_killed(box: IsoBox) -> None:
     """Killing the fork server takes its workers down; the pool starts a new one and serves."""
-    old_server = box._pool._zygote.pid
+    old_server = cast("Pool", box._pool)._zygote.pid
     old_workers = serving_pids(box)
     assert old_server is not None
     os.kill(old_server, signal.SIGKILL)
@@ -235,12 +239,12 @@ def test_fork_server_killed(box: IsoBox) -> None:
 
     def recovered() -> bool:
         try:
-            return box.run("1+2") == 3
+            return cast(bool, box.run("1+2") == 3)
         except WorkerCrashedError:  # a run may still meet a dying worker during the switch
             return False
 
     assert wait_until(recovered, timeout=15.0, interval=0.1)
-    assert box._pool._zygote.pid != old_server
+    assert cast("Pool", box._pool)._zygote.pid != old_server
     assert wait_until(lambda: len(serving_pids(box) - old_workers) == 2, timeout=10.0)
     assert_serves(box)
 
@@ -534,8 +538,8 @@ def test_idle_worker_sending_data_is_killed(box: IsoBox) -> None:
             break
         try:
             assert box.run("1+2") == 3
-        except WorkerCrashedError as exc:
-            failures.append(exc)
+        except WorkerCrashedError as crash:
+            failures.append(crash)
     assert len(failures) <= 1, failures
     for exc in failures:
         assert exc.pid == victim
@@ -607,7 +611,7 @@ def test_caller_exit_without_shutdown_leaves_no_process(
 def test_shutdown_stops_everything_and_closes(box: IsoBox) -> None:
     """After shutdown() no worker or fork server is alive, runs raise ClosedError, twice is ok."""
     assert_serves(box)
-    server = box._pool._zygote.pid
+    server = cast("Pool", box._pool)._zygote.pid
     assert server is not None
     everything = [server, *serving_pids(box)]
     assert len(everything) == 3
@@ -627,7 +631,7 @@ def test_shutdown_stops_everything_and_closes(box: IsoBox) -> None:
 @pytest.mark.timeout(30)
 def test_shutdown_during_a_run_ends_the_run(box: IsoBox) -> None:
     """shutdown() with a run in flight returns within its bound; the run gets ClosedError."""
-    server = box._pool._zygote.pid
+    server = cast("Pool", box._pool)._zygote.pid
     assert server is not None
     everything = [server, *serving_pids(box)]
     run = BusyRun(box, "while(true){}", timeout=10)
@@ -742,7 +746,7 @@ def test_five_kills_in_a_row(box: IsoBox) -> None:
         os.kill(victim, signal.SIGKILL)
         events.wait("worker:crashed", pid=victim)
         assert box.run(f"{i} + 100") == i + 100
-        assert wait_until(lambda v=victim: pool_full_without(box, v))
+        assert wait_until(partial(pool_full_without, box, victim))
         restarts.append(box.get_metrics().worker_restarts)
     assert restarts == sorted(restarts)
     assert len(set(restarts)) == 6, restarts
@@ -772,7 +776,9 @@ def test_runs_queued_when_the_crash_loop_breaker_opens_fail_at_once() -> None:
             assert box.run("1") == 1
             (pid,) = serving_pids(box)
             os.kill(pid, signal.SIGKILL)
-            assert wait_until(lambda p=pid: serving_pids(box) - {p}, 10.0)
+            # mypy cannot infer a lambda with a default argument from a Callable[[], ...] context
+            assert wait_until(cast("Callable[[], set[int]]", lambda p=pid: serving_pids(box) - {p}),
+                              10.0)
         outcomes: dict[str, Any] = {}
 
         def run(name: str, code: str) -> None:

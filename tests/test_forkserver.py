@@ -6,6 +6,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import cast
 
 import psutil
 import pytest
@@ -63,7 +64,7 @@ def test_killed_fork_server_takes_its_workers_and_is_replaced() -> None:
     with IsoBox(pool={"min": 2, "max": 2}) as box:
         box.warmup_pool()
         assert box._pool is not None
-        server = box._pool._zygote.pid
+        server = cast(int, box._pool._zygote.pid)  # the warmed-up pool's fork server runs
         old = [w.pid for w in box.pool_stats().workers]
         os.kill(server, signal.SIGKILL)
         assert _wait_gone(old) == []

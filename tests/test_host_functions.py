@@ -466,9 +466,9 @@ def test_non_callables_are_type_errors(box: IsoBox) -> None:
     with pytest.raises(TypeError, match="not callable"):
         box.run("1", functions={"f": "print"})
     with pytest.raises(TypeError, match="dict"):
-        IsoBox(functions=[("f", add)])  # type: ignore[arg-type]
+        IsoBox(functions=[("f", add)])
     with pytest.raises(ValueError, match="not a JS identifier"):
-        IsoBox(functions={3: add})  # type: ignore[dict-item]
+        IsoBox(functions={3: add})
 
 
 def test_dollar_and_underscore_names_work(box: IsoBox) -> None:

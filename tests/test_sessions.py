@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import psutil
 import pytest
@@ -662,6 +662,7 @@ def test_ttl_none_is_kept_and_reported(box: IsoBox) -> None:
     with box.create_session(new_id(), ttl=None) as s:
         assert s.info().ttl is None
         assert s.run("1") == 1
+    bad: Any  # deliberately not a float
     for bad in (0, -1, True, "10"):
         with pytest.raises(ValueError, match="ttl"):
             box.create_session(new_id(), ttl=bad)
@@ -1071,7 +1072,7 @@ def test_async_tasks_on_their_own_sessions_stay_consistent() -> None:
         await s.run(f"n = 0; tag = {i}; 0")
         for k in range(20):
             assert await s.run("++n") == k + 1
-        return await s.run("[n, tag]")
+        return cast("list[Any]", await s.run("[n, tag]"))
 
     async def main() -> list[list[Any]]:
         async with AsyncIsoBox(timeout=5.0, pool=POOL) as box:

@@ -339,7 +339,7 @@ def test_first_value_arrives_before_the_code_finishes_async() -> None:
         assert await anext(gen) == "first"
         assert time.monotonic() - started < 1.5
         closing = time.monotonic()
-        await gen.aclose()  # type: ignore[attr-defined]
+        await gen.aclose()
         assert time.monotonic() - closing < 2.5
         assert await aserves(box) is not None
 
@@ -431,7 +431,7 @@ def test_slow_consumer_pauses_an_infinite_producer_async() -> None:
                 got.append(await anext(gen))
                 assert lines.count("made") <= len(got) + window + SLACK
         finally:
-            await gen.aclose()  # type: ignore[attr-defined]
+            await gen.aclose()
         check_paused(got, 3, resumed, window, cpu)
         await asame_worker_promptly(box, pid)
 
@@ -507,7 +507,7 @@ def test_aclose_runs_finally_and_releases_the_worker(mode: str, how: str) -> Non
         if how == "aclose":
             gen = box.run_stream(ENDLESS, on_output=lines)
             assert [await anext(gen) for _ in range(4)] == [0, 1, 2, 3]
-            await gen.aclose()  # type: ignore[attr-defined]
+            await gen.aclose()
         else:
             async with contextlib.aclosing(box.run_stream(ENDLESS, on_output=lines)) as gen:
                 async for value in gen:
@@ -638,7 +638,7 @@ def test_aclose_is_bounded_when_return_never_finishes(code: str) -> None:
         gen = box.run_stream(code)
         assert await anext(gen) == 1
         started = time.monotonic()
-        await gen.aclose()  # type: ignore[attr-defined]
+        await gen.aclose()
         assert time.monotonic() - started < 2.0
         after = await aserves(box)
         if code == STUBBORN_NATIVE:
@@ -1075,7 +1075,7 @@ def test_session_run_while_its_stream_is_open_fails_clearly_async() -> None:
             with pytest.raises(SessionError, match="busy"):
                 await asyncio.wait_for(session.run("n", timeout=0.3), 3.0)
         finally:
-            await gen.aclose()  # type: ignore[attr-defined]
+            await gen.aclose()
 
     arun(body)
 

@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,8 @@ def no_isobox_leftovers(timeout: float = 10.0) -> Iterator[None]:
     before = set(isobox_processes())
     try:
         yield
-        fresh = lambda: [p for k, p in isobox_processes().items() if k not in before]  # noqa: E731
+        fresh: Callable[[], list[psutil.Process]] = (  # noqa: E731
+            lambda: [p for k, p in isobox_processes().items() if k not in before])
         wait_until(lambda: not fresh(), timeout, interval=0.1)
         left = fresh()
         described = []

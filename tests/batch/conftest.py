@@ -4,6 +4,7 @@ and a check that no fork server or sandbox worker outlives a test."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from batch_helpers import no_isobox_leftovers
@@ -39,7 +40,7 @@ def _leave_no_children() -> Iterator[None]:
 
     import psutil
 
-    tracker = resource_tracker._resource_tracker
+    tracker: Any = resource_tracker._resource_tracker  # _pid, _stop: private, not in typeshed
     if tracker._pid is not None:
         tracker._stop()
     for child in psutil.Process().children():

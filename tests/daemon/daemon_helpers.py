@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psutil
 from helpers import wait_until
@@ -115,7 +115,8 @@ class Daemon:
                                          stdout=subprocess.DEVNULL, stderr=log, env=self.env,
                                          cwd=self.workdir)
         if ready:
-            ok = wait_until(lambda: READY in self.log() or self.proc.poll() is not None,
+            ok = wait_until(lambda: READY in self.log()  # self.proc: started just above
+                            or cast("subprocess.Popen[bytes]", self.proc).poll() is not None,
                             timeout)
             if not ok or READY not in self.log():
                 raise AssertionError(f"the daemon did not start (exit {self.proc.poll()}):\n"

@@ -10,7 +10,9 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from functools import partial
+from typing import Any, cast
 
 import psutil
 import pytest
@@ -55,7 +57,7 @@ def test_threads_share_one_connection(daemon: Daemon) -> None:
                 for i in range(2, 8)]
         results[name] = got
 
-    calls = [Background(lambda n=f"t{k}": client(n)) for k in range(4)]
+    calls = [Background(partial(client, f"t{k}")) for k in range(4)]
     for call in calls:
         call.result(15)
     assert results == {f"t{k}": [f"t{k}:{i}" for i in range(8)] for k in range(4)}
@@ -70,8 +72,10 @@ def test_processes_and_threads_at_once(daemon: Daemon) -> None:
              for k in range(3)]
     box = daemon.box()
     try:
-        threads = [Background(lambda k=k: [box.run("x + y", sandbox={"x": k, "y": i})
-                                           for i in range(10)]) for k in range(4)]
+        # mypy cannot infer a lambda with a default argument from a Callable[[], ...] context
+        threads = [Background(cast("Callable[[], list[Any]]",
+                                   lambda k=k: [box.run("x + y", sandbox={"x": k, "y": i})
+                                                for i in range(10)])) for k in range(4)]
         for k, call in enumerate(threads):
             assert call.result(15) == [k + i for i in range(10)]
         for k, proc in enumerate(procs):

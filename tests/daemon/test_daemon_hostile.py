@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from typing import Any
 
 import msgpack
 import pytest
@@ -188,11 +189,12 @@ def test_bad_bodies_are_refused_but_the_connection_lives(hostile_daemon: Daemon)
     raw = connect(hostile_daemon)
     try:
         assert raw.hello().type is MsgType.WELCOME
-        bad = [{"body": "1+1"}, {}, {"body": {"code": "1", "wall_timeout": 5.0, "op": "drop"}},
-               {"body": {"code": "1", "wall_timeout": 5.0, "session": "someone-else"}},
-               {"body": {"code": "1", "wall_timeout": 1e9}},
-               {"body": {"code": "1", "wall_timeout": 5.0, "memory_limit": 2**40}},
-               {"body": {"code": "1", "wall_timeout": 5.0, "evil": True}}]
+        bad: list[dict[str, Any]] = [
+            {"body": "1+1"}, {}, {"body": {"code": "1", "wall_timeout": 5.0, "op": "drop"}},
+            {"body": {"code": "1", "wall_timeout": 5.0, "session": "someone-else"}},
+            {"body": {"code": "1", "wall_timeout": 1e9}},
+            {"body": {"code": "1", "wall_timeout": 5.0, "memory_limit": 2**40}},
+            {"body": {"code": "1", "wall_timeout": 5.0, "evil": True}}]
         for rid, body in enumerate(bad, start=1):
             raw.frame(MsgType.RUN, rid, body)
             answer = raw.answer(rid)

@@ -7,6 +7,7 @@ Runs are held in flight with a host function that blocks until the test opens it
 from __future__ import annotations
 
 import signal
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ def test_queue_full_refuses_the_excess(start_daemon: StartDaemon) -> None:
     box = daemon.box()
     gate = Gate()
     running = hold(box, gate)
-    waiting = [Background(lambda i=i: box.run(f"{i} * 10")) for i in range(2)]
+    waiting = [Background(partial(box.run, f"{i} * 10")) for i in range(2)]
     assert queued(daemon, 2)
     other = daemon.box()  # the bound is for all clients together
     for code in ("1", "2"):
@@ -124,7 +125,7 @@ def check_single_worker(daemon: Daemon) -> None:
     assert len(box.pool_stats().workers) <= 1
     gate.open()
     assert (running.result(), waiting.result()) == ("held", "second")
-    results = [Background(lambda i=i: box.run(f"{i}")) for i in range(4)]
+    results = [Background(partial(box.run, f"{i}")) for i in range(4)]
     assert [r.result() for r in results] == [0, 1, 2, 3]
     assert len(box.pool_stats().workers) <= 1
 
@@ -142,7 +143,7 @@ def test_command_line_beats_env_beats_file(start_daemon: StartDaemon, tmp_path: 
     running = [hold(box, gate, "a")]
     gate.entered.clear()
     running.append(hold(box, gate, "b"))  # max_client_runs 5 (env) beats 1 (file)
-    waiting = [Background(lambda i=i: box.run(f"{i}")) for i in range(2)]
+    waiting = [Background(partial(box.run, f"{i}")) for i in range(2)]
     assert queued(daemon, 2)  # max_queue 50 (command line) beats 1 (file)
     gate.open()
     assert [r.result() for r in running] == ["a", "b"]

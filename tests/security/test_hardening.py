@@ -348,7 +348,12 @@ def test_cpu_watchdog_does_not_count_waiting(pbox: IsoBox) -> None:
     """A run that waits (a timer, a slow host function) longer than its CPU budget is fine:
     only CPU the worker spends counts."""
     assert pbox.run("await new Promise(r => setTimeout(() => r(7), 1200))") == 7
-    assert pbox.run("slow()", functions={"slow": lambda: time.sleep(1.2) or 8}) == 8
+
+    def slow() -> int:
+        time.sleep(1.2)
+        return 8
+
+    assert pbox.run("slow()", functions={"slow": slow}) == 8
 
 
 @pytest.mark.timeout(60)
