@@ -20,9 +20,6 @@ from isobox.workers import bytecode, engine
 
 pytestmark = pytest.mark.timeout(120)
 
-needs_loader = pytest.mark.skipif(bytecode.LOADER is None, reason=bytecode.disabled_reason())
-
-
 @pytest.fixture
 def loader() -> bytecode.Loader:
     if bytecode.LOADER is None:
@@ -70,7 +67,7 @@ def test_a_syntax_error_in_trusted_source_is_refused(loader: bytecode.Loader) ->
         loader.compile("(function ( {")
 
 
-@needs_loader
+@pytest.mark.usefixtures("loader")
 def test_a_context_gets_bytecode_only_while_pristine() -> None:
     jc = engine.JsContext()
     assert isinstance(jc.library("mods"), _quickjs.Object)
@@ -200,7 +197,7 @@ def _parity_run(env_value: str | None) -> list[object]:
     return answers
 
 
-@needs_loader
+@pytest.mark.usefixtures("loader")
 def test_bytecode_and_source_give_identical_answers_and_stacks() -> None:
     with_bytecode = _parity_run(None)
     with_source = _parity_run("0")

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import sqlite3
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,16 @@ def script(tmp_path: Path, code: str = SCRIPT, name: str = "job.js") -> Path:
     path = tmp_path / name
     path.write_text(code, encoding="utf-8")
     return path
+
+
+def run_on(tmp_path: Path, suffix: str, content: bytes, code: str = SCRIPT
+           ) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """``isobox batch`` over an input of ``content`` (``in.jsonl`` or ``in.csv``); the run and
+    its output file."""
+    src = tmp_path / f"in.{suffix}"
+    src.write_bytes(content)
+    out = tmp_path / f"out.{suffix}"
+    return run_batch_cli(script(tmp_path, code), src, out), out
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -117,20 +128,14 @@ def test_every_output_line_is_strict_json(tmp_path: Path) -> None:
 
 def test_empty_jsonl_input(tmp_path: Path) -> None:
     """No input lines: exit 0 and an empty output."""
-    src = tmp_path / "in.jsonl"
-    src.write_bytes(b"")
-    out = tmp_path / "out.jsonl"
-    done = run_batch_cli(script(tmp_path), src, out)
+    done, out = run_on(tmp_path, "jsonl", b"")
     assert done.returncode == 0, done.stderr
     assert out.read_bytes() == b""
 
 
 def test_all_lines_malformed(tmp_path: Path) -> None:
     """Only malformed lines: one InputError each, exit 8 (nothing runs)."""
-    src = tmp_path / "in.jsonl"
-    src.write_bytes(b"{\nnope\n\xff\xfe\n[1,\n")
-    out = tmp_path / "out.jsonl"
-    done = run_batch_cli(script(tmp_path), src, out)
+    done, out = run_on(tmp_path, "jsonl", b"{\nnope\n\xff\xfe\n[1,\n")
     assert done.returncode == 8, done.stderr
     records = by_index(jsonl_records(out))
     assert sorted(records) == [0, 1, 2, 3]
@@ -197,20 +202,15 @@ def test_csv_all_ok_and_format_option(tmp_path: Path) -> None:
 @pytest.mark.parametrize("content", [b"", b"a,b\n"], ids=["empty-file", "header-only"])
 def test_empty_csv_input(tmp_path: Path, content: bytes) -> None:
     """No rows: exit 0, and the output is the header alone."""
-    src = tmp_path / "in.csv"
-    src.write_bytes(content)
-    out = tmp_path / "out.csv"
-    done = run_batch_cli(script(tmp_path), src, out)
+    done, out = run_on(tmp_path, "csv", content)
     assert done.returncode == 0, done.stderr
     assert out.read_bytes() == b"index,ok,value,error_type,error_message\n"
 
 
 def test_csv_row_with_invalid_utf8_fails_only_that_row(tmp_path: Path) -> None:
     """A CSV row that is not UTF-8 is that row's InputError; the rows after it are read."""
-    src = tmp_path / "in.csv"
-    src.write_bytes(b"x,y\n1,a\n2,b\n\xff\xfe,c\n4,d\n5,e\n")
-    out = tmp_path / "out.csv"
-    done = run_batch_cli(script(tmp_path, "Number(input.x) * 2"), src, out)
+    done, out = run_on(tmp_path, "csv", b"x,y\n1,a\n2,b\n\xff\xfe,c\n4,d\n5,e\n",
+                       "Number(input.x) * 2")
     assert done.returncode == 8, done.stderr
     got = {int(r["index"]): r for r in read_csv(out)}
     assert sorted(got) == [0, 1, 2, 3, 4]
@@ -221,10 +221,8 @@ def test_csv_row_with_invalid_utf8_fails_only_that_row(tmp_path: Path) -> None:
 def test_csv_oversized_field_fails_at_most_that_row(tmp_path: Path) -> None:
     """A field over csv's default field_size_limit (128 KiB): that row is read whole or fails
     alone (InputError); the rows after it are read all the same."""
-    src = tmp_path / "in.csv"
-    src.write_text("x,y\n1,a\n2," + "z" * 200_000 + "\n4,d\n5,e\n", encoding="utf-8")
-    out = tmp_path / "out.csv"
-    done = run_batch_cli(script(tmp_path, "Number(input.x) * 2"), src, out)
+    done, out = run_on(tmp_path, "csv", b"x,y\n1,a\n2," + b"z" * 200_000 + b"\n4,d\n5,e\n",
+                       "Number(input.x) * 2")
     got = {int(r["index"]): r for r in read_csv(out)}
     assert sorted(got) == [0, 1, 2, 3]
     assert [json.loads(got[i]["value"]) for i in (0, 2, 3)] == [2, 8, 10]

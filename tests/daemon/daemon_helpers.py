@@ -186,6 +186,16 @@ class Daemon:
         reap_zombies(procs)
         return [p for p in procs if not gone(p)]
 
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[Daemon]:
+        """Start it; on the way out stop it, and fail if any of its processes outlived it."""
+        try:
+            self.start()
+            yield self
+        finally:
+            problems = self.stop()
+            assert not problems, problems
+
     def stop(self, grace: float = 10.0) -> list[str]:
         """Close the test's boxes, then SIGTERM (SIGKILL if it lingers) the daemon, and
         report every process of it that outlived it (they are killed)."""

@@ -25,15 +25,10 @@ def hostile_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]
     folder = tmp_path_factory.mktemp("hostile") / "s"
     folder.mkdir(mode=0o700)
     path = str(folder / "d.sock")
-    with no_new_processes():
-        daemon = Daemon(folder, ["--socket", path, "--workers", "2", "--min-workers", "2",
-                                 "--frame-timeout", "1", "--grace", "2"], socket_path=path)
-        try:
-            daemon.start()
-            yield daemon
-        finally:
-            problems = daemon.stop()
-            assert not problems, problems
+    daemon = Daemon(folder, ["--socket", path, "--workers", "2", "--min-workers", "2",
+                             "--frame-timeout", "1", "--grace", "2"], socket_path=path)
+    with no_new_processes(), daemon.serving():
+        yield daemon
 
 
 @pytest.fixture(scope="module")

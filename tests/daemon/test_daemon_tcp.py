@@ -34,16 +34,11 @@ def tcp_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     token_file.write_text(TOKEN + "\n")  # surrounding whitespace is not part of the token
     token_file.chmod(0o600)
     port = free_port()
-    with no_new_processes():
-        daemon = Daemon(folder, ["--listen", f"127.0.0.1:{port}", "--token-file",
-                                 str(token_file), "--workers", "1", "--grace", "2"],
-                        token=TOKEN, tcp=("127.0.0.1", port))
-        try:
-            daemon.start()
-            yield daemon
-        finally:
-            problems = daemon.stop()
-            assert not problems, problems
+    daemon = Daemon(folder, ["--listen", f"127.0.0.1:{port}", "--token-file", str(token_file),
+                             "--workers", "1", "--grace", "2"],
+                    token=TOKEN, tcp=("127.0.0.1", port))
+    with no_new_processes(), daemon.serving():
+        yield daemon
 
 
 def test_right_token_works(tcp_daemon: Daemon) -> None:
@@ -136,46 +131,42 @@ def test_tcp_without_token_is_a_usage_error() -> None:
     assert "listening on" not in done.stderr
 
 
+def listen_with_token(tmp_path: Path, listen: str, token_text: str
+                      ) -> subprocess.CompletedProcess[str]:
+    """Run a daemon that should not start, on ``listen``, its token file holding
+    ``token_text``."""
+    token_file = tmp_path / "tok"
+    token_file.write_text(token_text)
+    with no_new_processes():
+        return run_supervisor("--listen", listen, "--token-file", str(token_file))
+
+
 @pytest.mark.parametrize("listen", ["nonsense", "127.0.0.1", "127.0.0.1:http"])
 def test_bad_listen_is_a_usage_error(listen: str, tmp_path: Path) -> None:
     """A --listen value that is not HOST:PORT exits 2 quoting it."""
-    token_file = tmp_path / "tok"
-    token_file.write_text("t")
-    with no_new_processes():
-        done = run_supervisor("--listen", listen, "--token-file", str(token_file))
+    done = listen_with_token(tmp_path, listen, "t")
     assert done.returncode == 2
     assert "HOST:PORT" in done.stderr
 
 
 def test_empty_token_file_is_a_usage_error(tmp_path: Path) -> None:
     """An empty token file is refused (exit 2), not taken as 'no token'."""
-    token_file = tmp_path / "tok"
-    token_file.write_text("\n")
-    with no_new_processes():
-        done = run_supervisor("--listen", f"127.0.0.1:{free_port()}", "--token-file",
-                              str(token_file))
+    done = listen_with_token(tmp_path, f"127.0.0.1:{free_port()}", "\n")
     assert done.returncode == 2
     assert "empty" in done.stderr
 
 
 def test_port_out_of_range_is_a_usage_error(tmp_path: Path) -> None:
     """A port above 65535 is a usage error (exit 2) without a traceback."""
-    token_file = tmp_path / "tok"
-    token_file.write_text("t")
-    with no_new_processes():
-        done = run_supervisor("--listen", "127.0.0.1:99999", "--token-file", str(token_file))
+    done = listen_with_token(tmp_path, "127.0.0.1:99999", "t")
     assert "Traceback" not in done.stderr
     assert done.returncode == 2
 
 
 def test_port_in_use_is_a_clear_error(tcp_daemon: Daemon, tmp_path: Path) -> None:
     """A second daemon on a TCP port already in use exits 1 with a one-line message."""
-    token_file = tmp_path / "tok"
-    token_file.write_text("t")
     assert tcp_daemon.tcp is not None
-    with no_new_processes():
-        done = run_supervisor("--listen", f"127.0.0.1:{tcp_daemon.tcp[1]}", "--token-file",
-                              str(token_file))
+    done = listen_with_token(tmp_path, f"127.0.0.1:{tcp_daemon.tcp[1]}", "t")
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert "isobox-supervisor:" in done.stderr
